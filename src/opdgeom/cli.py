@@ -1,0 +1,191 @@
+"""The entry points the workflow's rules call: ``opdgeom <step> ...`` with explicit paths.
+
+Science settings travel as JSON (``--spec``), paths as flags; every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from opdgeom.io import write_parquet
+
+
+def _data(args) -> None:
+    from opdgeom.tasks import get_task, split, write_jsonl
+
+    train, held_out = split(get_task(args.domain), args.n_train, args.n_eval, args.seed)
+    write_jsonl(args.train_out, train)
+    write_jsonl(args.eval_out, held_out)
+    print(f"{args.domain}: {len(train)} train, {len(held_out)} eval examples", file=sys.stderr)
+
+
+def _corpus(args) -> None:
+    from opdgeom.tasks import Example, generic_corpus, write_jsonl
+
+    docs = generic_corpus(args.n_docs, args.seed)
+    write_jsonl(args.out, [Example(prompt="", completion=d[: args.seq_len], answer="") for d in docs])
+
+
+def _tokenizer(args) -> None:
+    from opdgeom.tokenizer import build_char_tokenizer, save_tokenizer
+
+    save_tokenizer(build_char_tokenizer(), args.out)
+
+
+def _model(args) -> None:
+    spec = json.loads(args.spec)
+    if spec["source"] == "hub":
+        from opdgeom.models import download_model
+
+        download_model(spec["repo"], spec["revision"], args.out)
+        return
+    from opdgeom.train.run import build_and_pretrain
+
+    build_and_pretrain(spec, json.loads(args.pretrain), args.tokenizer, args.corpus, args.out, args.seed)
+
+
+def _train(args) -> None:
+    from opdgeom.train.run import train_run
+
+    train_run(json.loads(args.spec), args.init, args.train_data, args.out, args.seed, teacher=args.teacher)
+
+
+def _checkpoints(args) -> list[dict]:
+    from opdgeom.train.loop import read_manifest
+
+    if args.manifest:
+        return read_manifest(args.manifest)
+    return [{"step": 0, "path": args.model, "tokens": 0}]
+
+
+def _evaluate(args) -> None:
+    from opdgeom.evaluate import evaluate_checkpoints
+
+    table = evaluate_checkpoints(
+        args.ref, _checkpoints(args), args.eval_data, args.domain, args.max_new_tokens, args.batch_size
+    )
+    write_parquet(table, args.out)
+
+
+def _compare(args) -> None:
+    from opdgeom.geometry.compare import sparsity_table
+
+    table = sparsity_table(args.base, args.tuned, eta=args.eta)
+    summary = table.filter(table["tensor"].str.contains(":")).select("tensor", "parameters", "value")
+    print(summary, file=sys.stderr)
+    if args.out:
+        write_parquet(table, args.out)
+
+
+def _sparsity(args) -> None:
+    """Sparsity of a run's final checkpoint against its step-0 (init) weights."""
+    import polars as pl
+
+    from opdgeom.geometry.compare import sparsity_table
+    from opdgeom.train.loop import read_manifest
+
+    checkpoints = read_manifest(args.manifest)
+    first, last = checkpoints[0], checkpoints[-1]
+    table = sparsity_table(first["path"], last["path"], eta=args.eta)
+    table = table.with_columns(run=pl.lit(args.run), step=pl.lit(last["step"], dtype=pl.Int64))
+    write_parquet(table, args.out)
+
+
+def _figure(args) -> None:
+    from opdgeom.figures import FIGURES
+
+    FIGURES[args.name](inputs=args.inputs, out_prefix=Path(args.out_prefix), **json.loads(args.options))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opdgeom", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="write train/eval splits of a synthetic domain")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--n-train", type=int, required=True)
+    p.add_argument("--n-eval", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-out", type=Path, required=True)
+    p.add_argument("--eval-out", type=Path, required=True)
+    p.set_defaults(func=_data)
+
+    p = sub.add_parser("corpus", help="write the generic pretraining corpus")
+    p.add_argument("--n-docs", type=int, required=True)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_corpus)
+
+    p = sub.add_parser("tokenizer", help="write the character-level tokenizer (HF format)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_tokenizer)
+
+    p = sub.add_parser("model", help="build+pretrain a tiny model, or download a pinned hub revision")
+    p.add_argument("--spec", required=True, help="the family's model entry as JSON")
+    p.add_argument("--pretrain", default="{}", help="pretraining settings as JSON (tiny models)")
+    p.add_argument("--tokenizer", type=Path)
+    p.add_argument("--corpus", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_model)
+
+    p = sub.add_parser("train", help="train one run; checkpoints + manifest.json in --out")
+    p.add_argument("--spec", required=True, help="the planned run as JSON")
+    p.add_argument("--init", type=Path, required=True)
+    p.add_argument("--train-data", type=Path, required=True)
+    p.add_argument("--teacher", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="held-out accuracy of every checkpoint of a run (or one model)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", type=Path)
+    src.add_argument("--model", type=Path)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--eval-data", type=Path, required=True)
+    p.add_argument("--domain", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("compare", help="diagnose two HF checkpoints of the same architecture")
+    p.add_argument("base", type=Path)
+    p.add_argument("tuned", type=Path)
+    p.add_argument("--eta", type=float, default=1e-3)
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("sparsity", help="bf16-aware update sparsity of a run (final vs init)")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--eta", type=float, default=1e-3)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_sparsity)
+
+    p = sub.add_parser("figure", help="draw one figure or table from long-format tables")
+    p.add_argument("name")
+    p.add_argument("--inputs", nargs="+", type=Path, required=True)
+    p.add_argument("--out-prefix", required=True, help="outputs are <prefix>.png/.pdf/.csv/...")
+    p.add_argument("--options", default="{}", help="figure options as JSON")
+    p.set_defaults(func=_figure)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"opdgeom {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Load and validate the study configuration and the model-family preset.
+
+Every error names the file and the key (e.g. ``config.yaml: runs[2].method``) so a user can fix
+the config before any job runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file and the key."""
+
+
+def load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        with path.open() as fh:
+            return yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def _key_path(path_parts) -> str:
+    out = ""
+    for part in path_parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def validate(document: Any, schema_path: str | Path, source: str) -> None:
+    """Validate ``document`` against a JSON Schema (YAML file); raise ConfigError naming the key."""
+    schema = load_yaml(schema_path)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    lines = []
+    for err in errors:
+        key = _key_path(err.absolute_path)
+        if err.validator == "required":
+            missing = err.message.split("'")[1]
+            key = _key_path([*err.absolute_path, missing])
+            lines.append(f"{source}: {key}: required key is missing")
+        elif err.validator == "additionalProperties":
+            lines.append(f"{source}: {key}: {err.message}")
+        else:
+            lines.append(f"{source}: {key}: {err.message}")
+    raise ConfigError("invalid configuration\n  " + "\n  ".join(lines))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return ``base`` updated by ``override``; nested dicts merge, everything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_family(name: str, families_dir: str | Path, schema_path: str | Path) -> dict:
+    """Read and validate config/families/<name>.yaml; unknown names list the known ones."""
+    families_dir = Path(families_dir)
+    path = families_dir / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in families_dir.glob("*.yaml"))
+        raise ConfigError(f"config: family: unknown family {name!r}; known families: {', '.join(known)}")
+    family = load_yaml(path)
+    validate(family, schema_path, source=str(path))
+    if family["name"] != name:
+        raise ConfigError(f"{path}: name: {family['name']!r} does not match the file name {name!r}")
+    return family

@@ -1,0 +1,175 @@
+"""The study plan: config + family preset -> models, runs, checkpoints and output paths.
+
+The Snakefile expands every target from a :class:`Study`; nothing in the workflow re-derives what
+is planned here. Paths are relative to the working directory, under ``<results_dir>/<family>/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opdgeom.config import ConfigError, deep_merge, load_family, validate
+
+METHODS_NEEDING_TEACHER = ("opd", "mix")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run, fully resolved: what to train, from where, with which settings."""
+
+    name: str
+    method: str
+    init: str  # a model of the family or another run's name
+    domain: str
+    teacher: str | None  # a model reference resolved to a path by Study.teacher_path
+    train: dict = field(hash=False)
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        every, steps = self.train["checkpoint_every"], self.train["steps"]
+        return sorted({*range(every, steps + 1, every), steps})
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "method": self.method, "domain": self.domain, "train": self.train}
+
+
+class Study:
+    """The planned study for one family. Build it with :meth:`from_config`."""
+
+    def __init__(self, config: dict, family: dict):
+        self.config = config
+        self.family = family
+        self.name = family["name"]
+        self.seed = config["seed"]
+        self.data = deep_merge(config["data"], family.get("data", {}))
+        self.evaluate = deep_merge(config["evaluate"], family.get("evaluate", {}))
+        self.train_defaults = deep_merge(config["train"], family.get("train", {}))
+        self.results = Path(config["results_dir"]) / self.name
+        self.cache_dir = Path(config["cache_dir"])
+        self.models = family["models"]
+        self.runs = self._resolve_runs(config["runs"])
+
+    @classmethod
+    def from_config(cls, config: dict, families_dir: str | Path, schema_dir: str | Path) -> "Study":
+        schema_dir = Path(schema_dir)
+        validate(config, schema_dir / "config.schema.yaml", source="config")
+        family = load_family(config["family"], families_dir, schema_dir / "family.schema.yaml")
+        return cls(config, family)
+
+    # ---------------------------------------------------------------- runs
+    def _resolve_runs(self, run_entries: list[dict]) -> dict[str, RunSpec]:
+        runs: dict[str, RunSpec] = {}
+        for i, entry in enumerate(run_entries):
+            where = f"config: runs[{i}]"
+            name = entry["name"]
+            if name in runs or name in self.models:
+                raise ConfigError(f"{where}.name: {name!r} is used twice (run and model names share one namespace)")
+            teacher = entry.get("teacher", "teacher") if entry["method"] in METHODS_NEEDING_TEACHER else None
+            if teacher is not None and teacher not in self.models:
+                raise ConfigError(f"{where}.teacher: unknown model {teacher!r}; models: {', '.join(self.models)}")
+            runs[name] = RunSpec(
+                name=name,
+                method=entry["method"],
+                init=entry["init"],
+                domain=entry.get("domain", self.data["domain"]),
+                teacher=teacher,
+                train=deep_merge(self.train_defaults, entry.get("train", {})),
+            )
+        for i, spec in enumerate(runs.values()):
+            if spec.init not in runs and spec.init not in self.models:
+                known = ", ".join([*self.models, *runs])
+                raise ConfigError(f"config: runs[{i}].init: unknown model or run {spec.init!r}; known: {known}")
+        self._check_acyclic(runs)
+        runs.update(self._teacher_finetunes(runs))
+        return runs
+
+    @staticmethod
+    def _check_acyclic(runs: dict[str, RunSpec]) -> None:
+        for start in runs:
+            seen, name = [start], runs[start].init
+            while name in runs:
+                if name in seen:
+                    raise ConfigError(f"config: runs: init forms a cycle: {' -> '.join([*seen, name])}")
+                seen.append(name)
+                name = runs[name].init
+
+    def _teacher_finetunes(self, runs: dict[str, RunSpec]) -> dict[str, RunSpec]:
+        """Built (tiny) teachers know nothing of the task: plan one SFT run per (teacher, domain)."""
+        pairs = {("teacher", self.data["domain"])}
+        pairs |= {(r.teacher, r.domain) for r in runs.values() if r.teacher}
+        extra = {}
+        for teacher, domain in sorted(pairs):
+            if self.models[teacher]["source"] != "build":
+                continue
+            name = self.teacher_run_name(teacher, domain)
+            settings = deep_merge(self.train_defaults, self.family.get("teacher_finetune", {}))
+            extra[name] = RunSpec(name, "sft", teacher, domain, None, settings)
+        return extra
+
+    def teacher_run_name(self, teacher: str, domain: str) -> str:
+        return f"{teacher}.{domain}"
+
+    @property
+    def study_runs(self) -> list[str]:
+        """Runs declared in the config (without the planned teacher fine-tunes), in order."""
+        return [r["name"] for r in self.config["runs"]]
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted({r.domain for r in self.runs.values()} | {self.data["domain"]})
+
+    # ---------------------------------------------------------------- paths
+    def model_dir(self, model: str) -> Path:
+        return self.results / "models" / model
+
+    def run_dir(self, run: str) -> Path:
+        return self.results / "runs" / run
+
+    def manifest(self, run: str) -> Path:
+        return self.run_dir(run) / "manifest.json"
+
+    def checkpoint_dir(self, run: str, step: int) -> Path:
+        return self.run_dir(run) / f"step_{step:06d}"
+
+    def final_checkpoint(self, run: str) -> Path:
+        return self.checkpoint_dir(run, self.runs[run].train["steps"])
+
+    def ref_path(self, ref: str) -> Path:
+        """A model of the family or a run's final checkpoint."""
+        return self.model_dir(ref) if ref in self.models else self.final_checkpoint(ref)
+
+    def ref_marker(self, ref: str) -> Path:
+        """The file that proves ``ref`` exists (what a rule depends on)."""
+        return self.model_dir(ref) if ref in self.models else self.manifest(ref)
+
+    def teacher_ref(self, teacher: str, domain: str) -> str:
+        if self.models[teacher]["source"] == "build":
+            return self.teacher_run_name(teacher, domain)
+        return teacher
+
+    def data_file(self, domain: str, split: str) -> Path:
+        return self.results / "data" / domain / f"{split}.jsonl"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.results / "tokenizer"
+
+    @property
+    def pretrain_corpus(self) -> Path:
+        return self.results / "data" / "pretrain.jsonl"
+
+    def eval_table(self, ref: str) -> Path:
+        return self.results / "eval" / f"{ref}.parquet"
+
+    def sparsity_table(self, run: str) -> Path:
+        return self.results / "diagnose" / "sparsity" / f"{run}.parquet"
+
+    def figure(self, name: str, ext: str) -> Path:
+        return self.results / "figures" / f"{name}.{ext}"
+
+    @property
+    def eval_refs(self) -> list[str]:
+        """Everything whose accuracy the study reports: the student base, the teacher, every run."""
+        teacher = self.teacher_ref("teacher", self.data["domain"])
+        return list(dict.fromkeys(["student", teacher, *self.study_runs]))

@@ -1,0 +1,1 @@
+"""Training: batches -> objectives (advantages, losses) -> one loop -> checkpoints."""

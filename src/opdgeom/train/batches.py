@@ -1,0 +1,64 @@
+"""Token-level batches: encode examples, pad prompts for generation, pack prompt+completion rows."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def encode_completion(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask (generation continues from the right edge)."""
+    width = max(len(r) for r in rows)
+    ids_BT = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids_BT[i, width - len(row) :] = torch.tensor(row)
+            mask_BT[i, width - len(row) :] = 1
+    return ids_BT, mask_BT
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion rows.
+
+    ``target_mask_BT`` marks positions t whose *next* token (t+1) is a completion token, so that
+    ``logits[:, :-1]`` scored against ``input_ids[:, 1:]`` lines up with it after a shift.
+    """
+    rows = [p + c for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in rows)
+    ids_BT = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn_BT = torch.zeros((len(rows), width), dtype=torch.long)
+    target_mask_BT = torch.zeros((len(rows), width - 1), dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids_BT[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attn_BT[i, : len(p) + len(c)] = 1
+        target_mask_BT[i, max(len(p) - 1, 0) : len(p) + len(c) - 1] = 1.0
+    return {"input_ids": ids_BT, "attention_mask": attn_BT, "target_mask": target_mask_BT}
+
+
+def epoch_batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the batch at ``step``: a fresh permutation per epoch, a pure function of (seed, step).
+
+    Deriving the data position from the step is what makes a resumed run see the same batches.
+    """
+    indices = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n_items)
+        indices.append(_epoch_permutation(n_items, seed, epoch)[offset])
+    return indices
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(n_items: int, seed: int, epoch: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n_items, generator=gen).tolist())

@@ -1,0 +1,170 @@
+"""One straight training loop for every method: SFT, OPD, RLVR, mixtures, pretraining.
+
+A method supplies ``batch(model, step)`` (demonstrations or scored rollouts, no gradient) and
+``loss(model, batch)``; everything else — optimizer, schedule, precision, clipping, checkpoints,
+resume — is shared, so differences in the weights come from the objective alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from opdgeom.models import save_model
+
+STATE_FILE = "trainer_state.pt"
+
+
+class NonFiniteError(RuntimeError):
+    """Loss, gradient or weights went NaN/Inf; the run stops before writing a bad checkpoint."""
+
+
+def lr_lambda(warmup: int, steps: int):
+    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train(
+    model,
+    tokenizer,
+    method,
+    settings: dict,
+    run_dir: str | Path,
+    checkpoint_steps: list[int],
+    fingerprint: str,
+    on_step_end=None,
+) -> list[dict]:
+    """Train ``model`` in place for ``settings['steps']`` steps; return the checkpoint records.
+
+    Resumes from ``run_dir/trainer_state.pt`` when it exists and its fingerprint matches (weights,
+    optimizer, schedule, records). The data position and every random draw are pure functions of
+    (seed, step), so a resumed run replays exactly what the uninterrupted run would have done.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = settings["steps"]
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings["lr"], betas=(0.9, 0.95), weight_decay=settings["weight_decay"]
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings["warmup_steps"], steps))
+    records: list[dict] = []
+    start, tokens_seen, wall_before = 0, 0, 0.0
+
+    state_path = run_dir / STATE_FILE
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["fingerprint"] == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start, tokens_seen, records, wall_before = state["step"], state["tokens"], state["records"], state["wall"]
+            _log(f"resuming from step {start} ({state_path})")
+        else:
+            _log(f"ignoring {state_path}: it belongs to another configuration")
+
+    t_start = time.perf_counter()
+    model.train()
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        batch = method.batch(model, step)
+        t_batch = time.perf_counter() - t0
+        loss, stats = method.loss(model, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"step {step + 1}: loss is {loss.item()}; stopping before any checkpoint")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping")
+        if on_step_end is not None:
+            on_step_end(model, step)
+        optimizer.step()
+        scheduler.step()
+        tokens_seen += stats["trained_tokens"]
+        t_step = time.perf_counter() - t0
+
+        done = step + 1
+        if done % max(1, steps // 20) == 0 or done == steps or done == start + 1:
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / (done - start) * (steps - done)
+            rate = stats["trained_tokens"] / t_step
+            extras = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k not in ("trained_tokens",))
+            _log(
+                f"step {done}/{steps} {extras} grad_norm={grad_norm.item():.3g} "
+                f"update_tok/s={rate:.0f} batch_s={t_batch:.2f} step_s={t_step:.2f} eta={eta:.0f}s"
+            )
+
+        if done in checkpoint_steps:
+            for name, param in model.named_parameters():
+                if not torch.isfinite(param).all():
+                    raise NonFiniteError(f"step {done}: parameter {name} has non-finite values; not saving")
+            ckpt = save_model(model, tokenizer, run_dir / f"step_{done:06d}")
+            records.append(
+                {
+                    "step": done,
+                    "path": ckpt.name,
+                    "tokens": tokens_seen,
+                    "loss": stats["loss"],
+                    "wall_time": wall_before + time.perf_counter() - t_start,
+                }
+            )
+            _atomic_torch_save(
+                {
+                    "fingerprint": fingerprint,
+                    "step": done,
+                    "tokens": tokens_seen,
+                    "records": records,
+                    "wall": wall_before + time.perf_counter() - t_start,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                },
+                state_path,
+            )
+    return records
+
+
+def write_manifest(run_dir: str | Path, run: dict, init_path: str | Path, records: list[dict]) -> Path:
+    """manifest.json: the run's settings and every checkpoint (step 0 is the init model itself).
+
+    Paths are relative to the run folder so a results tree can be moved as a whole.
+    """
+    run_dir = Path(run_dir)
+    init_rel = os.path.relpath(Path(init_path), run_dir)
+    entries = [{"step": 0, "path": init_rel, "tokens": 0, "loss": None, "wall_time": 0.0}, *records]
+    manifest = {"run": run, "checkpoints": entries}
+    path = run_dir / "manifest.json"
+    tmp = path.with_name(".manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Checkpoint records with absolute-or-cwd-relative paths resolved against the run folder."""
+    path = Path(path)
+    manifest = json.loads(path.read_text())
+    return [{**c, "path": str(Path(os.path.normpath(path.parent / c["path"])))} for c in manifest["checkpoints"]]

@@ -1,0 +1,55 @@
+"""Losses and advantages. Every method is an advantage function feeding one policy-gradient loss,
+except SFT, which is token NLL. Shapes: B rows, T target positions (completion tokens masked)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """log pi(x_{t+1} | x_{<=t}) for every position: shape (B, T-1)."""
+    logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).logits[:, :-1].float()
+    targets_BT = input_ids_BT[:, 1:]
+    return torch.log_softmax(logits_BTV, dim=-1).gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
+
+
+def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL over the completion tokens of the batch."""
+    return -(logp_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+
+
+def pg_loss(
+    logp_BT: torch.Tensor,
+    behaviour_logp_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """L = -sum_t m_t * rho_t * A_t / N, with N = the number of kept (mask = 1) tokens.
+
+    rho_t = exp(log pi_theta - log pi_behaviour): exactly 1 on-policy, where the gradient reduces to
+    the REINFORCE form sum m A grad log pi. ``clip`` bounds rho to [1/clip, clip] (PPO-style
+    truncation without the min) so stale off-policy samples cannot blow the step up.
+    """
+    rho_BT = torch.exp(logp_BT - behaviour_logp_BT.detach())
+    if clip is not None:
+        rho_BT = rho_BT.clamp(1.0 / clip, clip)
+    return -(mask_BT * rho_BT * advantages_BT.detach()).sum() / mask_BT.sum().clamp(min=1)
+
+
+def opd_advantages(student_logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor) -> torch.Tensor:
+    """A_t = -(log pi_student(y_t) - log pi_teacher(y_t)): the negated sampled-token reverse KL."""
+    return -(student_logp_BT - teacher_logp_BT).detach()
+
+
+def grpo_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean_group) / (std_group + eps); rows are grouped consecutively, G per prompt."""
+    rewards_NG = rewards_B.view(-1, group_size).float()
+    mean_N1 = rewards_NG.mean(dim=1, keepdim=True)
+    std_N1 = rewards_NG.std(dim=1, unbiased=False, keepdim=True)
+    return ((rewards_NG - mean_N1) / (std_N1 + eps)).view(-1)
+
+
+def mix_advantages(opd_BT: torch.Tensor, rlvr_B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A = alpha * A_OPD + (1 - alpha) * A_RLVR, the sequence advantage broadcast over tokens."""
+    return alpha * opd_BT + (1.0 - alpha) * rlvr_B.unsqueeze(1)

@@ -1,0 +1,91 @@
+"""Set up one run from explicit paths (what the workflow's rules pass) and drive the loop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from opdgeom.models import build_model, load_model, load_tokenizer, save_model
+from opdgeom.rollout import HFEngine
+from opdgeom.tasks import get_task
+from opdgeom.tasks.files import read_jsonl
+from opdgeom.train.loop import STATE_FILE, _log, train, write_manifest
+from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
+
+POLICY_GRADIENT_METHODS = ("opd", "rlvr", "mix")
+
+
+def fingerprint(*parts) -> str:
+    """Identity of a run's inputs: a saved trainer state is resumed only if this matches."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _clear_stale(run_dir: Path, fp: str) -> None:
+    """Remove checkpoints left by a run with other inputs, so the manifest never mixes two runs."""
+    import torch
+
+    state = run_dir / STATE_FILE
+    if state.exists() and torch.load(state, weights_only=False)["fingerprint"] == fp:
+        return
+    for stale in [*run_dir.glob("step_*"), state]:
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+
+
+def make_method(run: dict, tokenizer, examples, model, teacher_path, seed: int):
+    settings = run["train"]
+    if run["method"] == "sft":
+        return SFTMethod(tokenizer, examples, settings["batch_size"], seed)
+    if run["method"] in POLICY_GRADIENT_METHODS:
+        teacher = load_model(teacher_path).eval() if teacher_path else None
+        return PolicyGradientMethod(
+            tokenizer,
+            examples,
+            get_task(run["domain"]),
+            HFEngine(model, tokenizer),
+            settings,
+            seed,
+            advantage=run["method"],
+            teacher=teacher,
+        )
+    raise ValueError(f"run {run['name']!r}: unknown method {run['method']!r}")
+
+
+def train_run(run: dict, init: Path, train_data: Path, out_dir: Path, seed: int, teacher: Path | None = None) -> Path:
+    """Train ``run`` (the plan's RunSpec as JSON) from ``init``; write checkpoints and manifest."""
+    init, train_data, out_dir = Path(init), Path(train_data), Path(out_dir)
+    fp = fingerprint(run, str(init), str(train_data), str(teacher), seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale(out_dir, fp)
+    tokenizer = load_tokenizer(init)
+    model = load_model(init)
+    examples = read_jsonl(train_data)
+    method = make_method(run, tokenizer, examples, model, teacher, seed)
+    _log(f"run {run['name']}: method={run['method']} init={init} examples={len(examples)} steps={run['train']['steps']}")
+    every, steps = run["train"]["checkpoint_every"], run["train"]["steps"]
+    checkpoint_steps = sorted({*range(every, steps + 1, every), steps})
+    records = train(model, tokenizer, method, run["train"], out_dir, checkpoint_steps, fp)
+    return write_manifest(out_dir, run, init, records)
+
+
+def build_and_pretrain(spec: dict, pretrain: dict, tokenizer_dir: Path, corpus: Path, out_dir: Path, seed: int) -> Path:
+    """A tiny model from its config, briefly pretrained on the generic corpus (learned spectrum)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(spec, tokenizer, seed)
+    examples = read_jsonl(corpus)
+    settings = {"warmup_steps": max(1, pretrain["steps"] // 20), "weight_decay": 0.0, "grad_clip": 1.0, **pretrain}
+    work_dir = out_dir.parent / f".{out_dir.name}.pretrain"
+    fp = fingerprint(spec, pretrain, str(corpus), seed)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale(work_dir, fp)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"pretraining {spec['architecture']} ({n_params / 1e6:.2f}M parameters) for {pretrain['steps']} steps")
+    method = SFTMethod(tokenizer, examples, pretrain["batch_size"], seed)
+    train(model, tokenizer, method, settings, work_dir, [pretrain["steps"]], fp)
+    save_model(model, tokenizer, out_dir)
+    shutil.rmtree(work_dir)
+    return out_dir

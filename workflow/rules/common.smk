@@ -1,0 +1,90 @@
+# Target and input functions only: what to build comes from the package's study plan.
+import json
+from pathlib import Path
+
+from opdgeom.plan import Study
+
+STUDY = Study.from_config(
+    config,
+    families_dir=Path(workflow.basedir) / "config" / "families",
+    schema_dir=Path(workflow.basedir) / "workflow" / "schemas",
+)
+RES = str(STUDY.results)
+LOGS = f"{RES}/logs"
+RUNS = list(STUDY.runs)
+
+
+wildcard_constraints:
+    run="[a-z0-9][a-z0-9_.]*",
+    model="[a-z0-9][a-z0-9_]*",
+    domain="[a-z0-9_]+",
+    ref="[a-z0-9][a-z0-9_.]*",
+
+
+def model_spec(wildcards):
+    return json.dumps(STUDY.models[wildcards.model])
+
+
+def model_inputs(wildcards):
+    if STUDY.models[wildcards.model]["source"] == "hub":
+        return {}
+    return {"tokenizer": str(STUDY.tokenizer_dir), "corpus": str(STUDY.pretrain_corpus)}
+
+
+def run_inputs(wildcards):
+    spec = STUDY.runs[wildcards.run]
+    inputs = {"init": str(STUDY.ref_marker(spec.init)), "train_data": str(STUDY.data_file(spec.domain, "train"))}
+    if spec.teacher:
+        inputs["teacher"] = str(STUDY.ref_marker(STUDY.teacher_ref(spec.teacher, spec.domain)))
+    return inputs
+
+
+def run_flags(wildcards):
+    """Paths the train command needs beyond its inputs (a run's final checkpoint is inside its folder)."""
+    spec = STUDY.runs[wildcards.run]
+    flags = f"--init {STUDY.ref_path(spec.init)}"
+    if spec.teacher:
+        flags += f" --teacher {STUDY.ref_path(STUDY.teacher_ref(spec.teacher, spec.domain))}"
+    return flags
+
+
+def eval_domain(ref):
+    return STUDY.runs[ref].domain if ref in STUDY.runs else STUDY.data["domain"]
+
+
+def eval_inputs(wildcards):
+    return {
+        "model": str(STUDY.ref_marker(wildcards.ref)),
+        "eval_data": str(STUDY.data_file(eval_domain(wildcards.ref), "eval")),
+    }
+
+
+def eval_source(wildcards):
+    if wildcards.ref in STUDY.runs:
+        return f"--manifest {STUDY.manifest(wildcards.ref)}"
+    return f"--model {STUDY.model_dir(wildcards.ref)}"
+
+
+def run_methods():
+    return json.dumps({run: STUDY.runs[run].method for run in STUDY.study_runs})
+
+
+def accuracy_options():
+    teacher = STUDY.teacher_ref("teacher", STUDY.data["domain"])
+    return json.dumps({"methods": json.loads(run_methods()), "references": {"student": "base", teacher: "teacher"}})
+
+
+FIGURE_FILES = {
+    "table1": ["csv", "md"],
+    "accuracy": ["png", "pdf", "csv"],
+}
+
+
+def figure_outputs(name):
+    return [str(STUDY.figure(name, ext)) for ext in FIGURE_FILES[name]]
+
+
+def all_targets():
+    targets = [f for name in FIGURE_FILES for f in figure_outputs(name)]
+    targets += [str(STUDY.eval_table(ref)) for ref in STUDY.eval_refs]
+    return targets

@@ -1,0 +1,36 @@
+rule tokenizer:
+    output:
+        directory(f"{RES}/tokenizer"),
+    log:
+        f"{LOGS}/tokenizer.log",
+    shell:
+        "opdgeom tokenizer --out {output} 2> {log}"
+
+
+rule data:
+    output:
+        train=f"{RES}/data/{{domain}}/train.jsonl",
+        eval=f"{RES}/data/{{domain}}/eval.jsonl",
+    params:
+        n_train=STUDY.data["n_train"],
+        n_eval=STUDY.data["n_eval"],
+        seed=STUDY.seed,
+    log:
+        f"{LOGS}/data/{{domain}}.log",
+    shell:
+        "opdgeom data --domain {wildcards.domain} --n-train {params.n_train} --n-eval {params.n_eval} "
+        "--seed {params.seed} --train-out {output.train} --eval-out {output.eval} 2> {log}"
+
+
+rule pretrain_corpus:
+    output:
+        f"{RES}/data/pretrain.jsonl",
+    params:
+        n_docs=lambda wc: 4 * STUDY.family["pretrain"]["steps"] * STUDY.family["pretrain"]["batch_size"],
+        seq_len=STUDY.family.get("pretrain", {}).get("seq_len", 0),
+        seed=STUDY.seed,
+    log:
+        f"{LOGS}/pretrain_corpus.log",
+    shell:
+        "opdgeom corpus --n-docs {params.n_docs} --seq-len {params.seq_len} --seed {params.seed} "
+        "--out {output} 2> {log}"

@@ -1,0 +1,9 @@
+rule sparsity:
+    input:
+        manifest=f"{RES}/runs/{{run}}/manifest.json",
+    output:
+        f"{RES}/diagnose/sparsity/{{run}}.parquet",
+    log:
+        f"{LOGS}/diagnose/sparsity/{{run}}.log",
+    shell:
+        "opdgeom sparsity --manifest {input.manifest} --run {wildcards.run} --out {output} 2> {log}"

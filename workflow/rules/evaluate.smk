@@ -1,0 +1,16 @@
+rule evaluate:
+    input:
+        unpack(eval_inputs),
+    output:
+        f"{RES}/eval/{{ref}}.parquet",
+    params:
+        source=eval_source,
+        domain=lambda wc: eval_domain(wc.ref),
+        max_new_tokens=STUDY.evaluate["max_new_tokens"],
+        batch_size=STUDY.evaluate["batch_size"],
+    log:
+        f"{LOGS}/evaluate/{{ref}}.log",
+    shell:
+        "opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
+        "--domain {params.domain} --max-new-tokens {params.max_new_tokens} "
+        "--batch-size {params.batch_size} --out {output} 2> {log}"

@@ -1,0 +1,19 @@
+# Tiny families: build from a transformers config and pretrain briefly on a generic corpus.
+# Hub families: download a pinned revision. Both end as HF folders with safetensors.
+rule model:
+    input:
+        unpack(model_inputs),
+    output:
+        directory(f"{RES}/models/{{model}}"),
+    params:
+        spec=model_spec,
+        pretrain=json.dumps(STUDY.family.get("pretrain", {})),
+        seed=STUDY.seed,
+        sources=lambda wc, input: " ".join(f"--{k} {v}" for k, v in input.items()),
+    log:
+        f"{LOGS}/model/{{model}}.log",
+    benchmark:
+        f"{RES}/benchmarks/model/{{model}}.tsv"
+    shell:
+        "opdgeom model --spec {params.spec:q} --pretrain {params.pretrain:q} {params.sources} "
+        "--seed {params.seed} --out {output} 2> {log}"
