@@ -14,9 +14,13 @@ from opdgeom.io import write_parquet
 
 
 def _data(args) -> None:
-    from opdgeom.tasks import get_task, split, write_jsonl
+    from opdgeom.tasks import DatasetTask, get_task, split, write_jsonl
 
-    train, held_out = split(get_task(args.domain), args.n_train, args.n_eval, args.seed)
+    task = get_task(args.domain)
+    if isinstance(task, DatasetTask):
+        train, held_out = task.load_splits(args.n_train, args.n_eval, args.seed)
+    else:
+        train, held_out = split(task, args.n_train, args.n_eval, args.seed)
     write_jsonl(args.train_out, train)
     write_jsonl(args.eval_out, held_out)
     print(f"{args.domain}: {len(train)} train, {len(held_out)} eval examples", file=sys.stderr)

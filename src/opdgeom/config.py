@@ -12,6 +12,8 @@ from typing import Any
 
 import jsonschema
 import yaml
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 
 class ConfigError(ValueError):
@@ -36,10 +38,20 @@ def _key_path(path_parts) -> str:
     return out or "<top level>"
 
 
+def _registry(schema_dir: Path) -> Registry:
+    """Every schema in the folder, addressable by file name (family presets reuse config defs)."""
+    resources = [
+        (path.name, Resource.from_contents(load_yaml(path), default_specification=DRAFT202012))
+        for path in sorted(schema_dir.glob("*.schema.yaml"))
+    ]
+    return Registry().with_resources(resources)
+
+
 def validate(document: Any, schema_path: str | Path, source: str) -> None:
     """Validate ``document`` against a JSON Schema (YAML file); raise ConfigError naming the key."""
+    schema_path = Path(schema_path)
     schema = load_yaml(schema_path)
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = jsonschema.Draft202012Validator(schema, registry=_registry(schema_path.parent))
     errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
     if not errors:
         return
@@ -48,10 +60,7 @@ def validate(document: Any, schema_path: str | Path, source: str) -> None:
         key = _key_path(err.absolute_path)
         if err.validator == "required":
             missing = err.message.split("'")[1]
-            key = _key_path([*err.absolute_path, missing])
-            lines.append(f"{source}: {key}: required key is missing")
-        elif err.validator == "additionalProperties":
-            lines.append(f"{source}: {key}: {err.message}")
+            lines.append(f"{source}: {_key_path([*err.absolute_path, missing])}: required key is missing")
         else:
             lines.append(f"{source}: {key}: {err.message}")
     raise ConfigError("invalid configuration\n  " + "\n  ".join(lines))
@@ -68,15 +77,18 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def load_family(name: str, families_dir: str | Path, schema_path: str | Path) -> dict:
-    """Read and validate config/families/<name>.yaml; unknown names list the known ones."""
+def load_family(name: str, families_dir: str | Path, schema_path: str | Path, overrides: dict | None = None) -> dict:
+    """Read config/families/<name>.yaml, apply the config's ``family_overrides``, validate.
+
+    Unknown names list the known ones.
+    """
     families_dir = Path(families_dir)
     path = families_dir / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in families_dir.glob("*.yaml"))
         raise ConfigError(f"config: family: unknown family {name!r}; known families: {', '.join(known)}")
-    family = load_yaml(path)
-    validate(family, schema_path, source=str(path))
+    family = deep_merge(load_yaml(path), overrides or {})
+    validate(family, schema_path, source=f"{path} (+ config family_overrides)" if overrides else str(path))
     if family["name"] != name:
         raise ConfigError(f"{path}: name: {family['name']!r} does not match the file name {name!r}")
     return family

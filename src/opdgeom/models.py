@@ -21,6 +21,9 @@ ARCHITECTURES = {
 # Positions the tiny study ever needs (prompt + completion, or a pretraining window).
 TINY_MAX_POSITIONS = 256
 
+# Per-call "Loading weights" bars would flood the logs of jobs that load dozens of checkpoints.
+transformers.utils.logging.disable_progress_bar()
+
 
 def build_model(spec: dict, tokenizer, seed: int) -> transformers.PreTrainedModel:
     """A freshly initialised causal LM of the family's architecture and tiny dimensions (fp32)."""
@@ -95,13 +98,15 @@ def download_model(repo: str, revision: str, out_dir: str | Path) -> Path:
     Fails fast offline with a message saying how to pre-fetch: set HF_HOME to a cache holding the
     revision, or point the family preset at a local folder.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]
     try:
         with atomic_dir(out_dir) as tmp:
             snapshot_download(repo_id=repo, revision=revision, local_dir=tmp, allow_patterns=patterns)
+            # Record the commit a branch name resolved to, so results say exactly which weights they used.
+            (tmp / ".revision").write_text(HfApi().model_info(repo, revision=revision).sha + "\n")
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise RuntimeError(
             f"could not download {repo}@{revision} into {out_dir}: {err}\n"

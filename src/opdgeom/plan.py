@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opdgeom.config import ConfigError, deep_merge, load_family, validate
+from opdgeom.tasks import known_domains
 
 METHODS_NEEDING_TEACHER = ("opd", "mix")
 
@@ -43,6 +44,8 @@ class Study:
         self.name = family["name"]
         self.seed = config["seed"]
         self.data = deep_merge(config["data"], family.get("data", {}))
+        if self.data["domain"] not in known_domains():
+            raise ConfigError(f"config: data.domain: unknown domain {self.data['domain']!r}; known: {', '.join(known_domains())}")
         self.evaluate = deep_merge(config["evaluate"], family.get("evaluate", {}))
         self.train_defaults = deep_merge(config["train"], family.get("train", {}))
         self.results = Path(config["results_dir"]) / self.name
@@ -54,7 +57,9 @@ class Study:
     def from_config(cls, config: dict, families_dir: str | Path, schema_dir: str | Path) -> "Study":
         schema_dir = Path(schema_dir)
         validate(config, schema_dir / "config.schema.yaml", source="config")
-        family = load_family(config["family"], families_dir, schema_dir / "family.schema.yaml")
+        family = load_family(
+            config["family"], families_dir, schema_dir / "family.schema.yaml", config.get("family_overrides")
+        )
         return cls(config, family)
 
     # ---------------------------------------------------------------- runs
@@ -76,7 +81,10 @@ class Study:
                 teacher=teacher,
                 train=deep_merge(self.train_defaults, entry.get("train", {})),
             )
+        domains = known_domains()
         for i, spec in enumerate(runs.values()):
+            if spec.domain not in domains:
+                raise ConfigError(f"config: runs[{i}].domain: unknown domain {spec.domain!r}; known: {', '.join(domains)}")
             if spec.init not in runs and spec.init not in self.models:
                 known = ", ".join([*self.models, *runs])
                 raise ConfigError(f"config: runs[{i}].init: unknown model or run {spec.init!r}; known: {known}")

@@ -1,5 +1,7 @@
 # Target and input functions only: what to build comes from the package's study plan.
 import json
+import os
+import shlex
 from pathlib import Path
 
 from opdgeom.plan import Study
@@ -9,6 +11,9 @@ STUDY = Study.from_config(
     families_dir=Path(workflow.basedir) / "config" / "families",
     schema_dir=Path(workflow.basedir) / "workflow" / "schemas",
 )
+# Every rule calls the package CLI from this checkout, whatever environment runs the job
+# (the project venv, a per-rule conda env, a Slurm node).
+shell.prefix(f"export PYTHONPATH={shlex.quote(str(Path(workflow.basedir) / 'src'))}; ")
 RES = str(STUDY.results)
 LOGS = f"{RES}/logs"
 RUNS = list(STUDY.runs)

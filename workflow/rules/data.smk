@@ -1,10 +1,12 @@
 rule tokenizer:
     output:
         directory(f"{RES}/tokenizer"),
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{LOGS}/tokenizer.log",
     shell:
-        "opdgeom tokenizer --out {output} 2> {log}"
+        "python -m opdgeom tokenizer --out {output} 2> {log}"
 
 
 rule data:
@@ -15,10 +17,12 @@ rule data:
         n_train=STUDY.data["n_train"],
         n_eval=STUDY.data["n_eval"],
         seed=STUDY.seed,
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{LOGS}/data/{{domain}}.log",
     shell:
-        "opdgeom data --domain {wildcards.domain} --n-train {params.n_train} --n-eval {params.n_eval} "
+        "python -m opdgeom data --domain {wildcards.domain} --n-train {params.n_train} --n-eval {params.n_eval} "
         "--seed {params.seed} --train-out {output.train} --eval-out {output.eval} 2> {log}"
 
 
@@ -29,8 +33,10 @@ rule pretrain_corpus:
         n_docs=lambda wc: 4 * STUDY.family["pretrain"]["steps"] * STUDY.family["pretrain"]["batch_size"],
         seq_len=STUDY.family.get("pretrain", {}).get("seq_len", 0),
         seed=STUDY.seed,
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{LOGS}/pretrain_corpus.log",
     shell:
-        "opdgeom corpus --n-docs {params.n_docs} --seq-len {params.seq_len} --seed {params.seed} "
+        "python -m opdgeom corpus --n-docs {params.n_docs} --seq-len {params.seq_len} --seed {params.seed} "
         "--out {output} 2> {log}"

@@ -8,9 +8,11 @@ rule evaluate:
         domain=lambda wc: eval_domain(wc.ref),
         max_new_tokens=STUDY.evaluate["max_new_tokens"],
         batch_size=STUDY.evaluate["batch_size"],
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{LOGS}/evaluate/{{ref}}.log",
     shell:
-        "opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
+        "python -m opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
         "--domain {params.domain} --max-new-tokens {params.max_new_tokens} "
         "--batch-size {params.batch_size} --out {output} 2> {log}"

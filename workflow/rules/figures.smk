@@ -5,12 +5,14 @@ rule table1:
     output:
         figure_outputs("table1"),
     params:
-        prefix=str(STUDY.figure("table1", "")).rstrip("."),
+        prefix=lambda wc, output: os.path.splitext(output[0])[0],
         options=json.dumps({"methods": json.loads(run_methods())}),
+    conda:
+        "../../envs/figures.yaml"
     log:
         f"{LOGS}/figures/table1.log",
     shell:
-        "opdgeom figure table1 --inputs {input} --out-prefix {params.prefix} --options {params.options:q} 2> {log}"
+        "python -m opdgeom figure table1 --inputs {input} --out-prefix {params.prefix} --options {params.options:q} 2> {log}"
 
 
 rule accuracy:
@@ -19,9 +21,11 @@ rule accuracy:
     output:
         figure_outputs("accuracy"),
     params:
-        prefix=str(STUDY.figure("accuracy", "")).rstrip("."),
+        prefix=lambda wc, output: os.path.splitext(output[0])[0],
         options=accuracy_options(),
+    conda:
+        "../../envs/figures.yaml"
     log:
         f"{LOGS}/figures/accuracy.log",
     shell:
-        "opdgeom figure accuracy --inputs {input} --out-prefix {params.prefix} --options {params.options:q} 2> {log}"
+        "python -m opdgeom figure accuracy --inputs {input} --out-prefix {params.prefix} --options {params.options:q} 2> {log}"

@@ -9,10 +9,12 @@ rule train:
         paths=run_flags,
         out=lambda wc: str(STUDY.run_dir(wc.run)),
         seed=STUDY.seed,
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
         f"{RES}/benchmarks/train/{{run}}.tsv"
     shell:
-        "opdgeom train --spec {params.spec:q} {params.paths} --train-data {input.train_data} "
+        "python -m opdgeom train --spec {params.spec:q} {params.paths} --train-data {input.train_data} "
         "--seed {params.seed} --out {params.out} 2> {log}"

@@ -8,13 +8,19 @@ reported per matrix and aggregated by the figures, which know what summary they 
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 import polars as pl
+import torch
 
-from opdgeom.geometry.metrics import unchanged_count
+from opdgeom.geometry.cache import StatCache, tensor_digest
+from opdgeom.geometry.metrics import mask_overlap, unchanged_count, update_norms
+from opdgeom.geometry.spectral import Spectrum, angles_between, normalized_shift, spectrum
 from opdgeom.geometry.stream import TensorInfo, iter_tensor_pairs
+
+LOG = logging.getLogger(__name__)
 
 SCHEMA = {
     "tensor": pl.String,
@@ -26,6 +32,7 @@ SCHEMA = {
     "value": pl.Float64,
 }
 SPARSITY = "bf16_sparsity"
+DEFAULT_ALPHA = 0.05
 
 
 def _row(tensor: str, info: TensorInfo, metric: str, parameters: int, value: float) -> dict:
@@ -82,4 +89,72 @@ def sparsity_table(dir_a: str | Path, dir_b: str | Path, eta: float = 1e-3) -> p
         unchanged = unchanged_count(pair.w0, pair.w1, eta)
         rows.append(_row(pair.name, pair.info, SPARSITY, parameters, unchanged / parameters))
         tally.add(pair.info, unchanged, parameters)
+    return frame(rows + tally.rows())
+
+
+def as_cache(cache: StatCache | str | Path | None) -> StatCache | None:
+    """Accept a StatCache, a cache folder, or None (no caching)."""
+    return cache if cache is None or isinstance(cache, StatCache) else StatCache(cache)
+
+
+def cached_spectrum(w_mn: torch.Tensor, k: int, cache: StatCache | None, device: str) -> Spectrum:
+    """Float64 spectrum of one matrix, from the content-addressed cache when possible."""
+    if cache is None:
+        return spectrum(w_mn, k, device)
+    stats = cache.get_or_compute(
+        [tensor_digest(w_mn)], "spectrum", {"k": k}, lambda: spectrum(w_mn, k, device).as_dict()
+    )
+    return Spectrum.from_dict(stats)
+
+
+def _spectral_rows(name: str, info: TensorInfo, w0_mn, w1_mn, k, alpha, eta, cache, device) -> list[dict]:
+    k_eff = min(k, *w0_mn.shape)
+    s0 = cached_spectrum(w0_mn, k_eff, cache, device)
+    s1 = cached_spectrum(w1_mn, k_eff, cache, device)
+    values = {"spectral_shift": normalized_shift(s0.sigma_r, s1.sigma_r)}
+    for side, a_k, b_k in (("left", s0.left_mk, s1.left_mk), ("right", s0.right_nk, s1.right_nk)):
+        theta_k = angles_between(a_k, b_k)
+        values[f"principal_angle_{side}_max"] = float(theta_k.max())
+        values[f"principal_angle_{side}_mean"] = float(theta_k.mean())
+    overlap = mask_overlap(w0_mn, w1_mn, alpha, k_eff, eta, spectrum0=s0)
+    values["mask_overlap_principal"] = overlap["principal"]
+    values["mask_overlap_low_magnitude"] = overlap["low_magnitude"]
+    return [_row(name, info, metric, w0_mn.numel(), value) for metric, value in values.items()]
+
+
+def compare_checkpoints(
+    dir_a: str | Path,
+    dir_b: str | Path,
+    k: int = 16,
+    alpha: float = DEFAULT_ALPHA,
+    eta: float = 1e-3,
+    cache: StatCache | str | Path | None = None,
+    device: str = "cpu",
+    spectral_kinds: tuple[str, ...] = ("matrix",),
+) -> pl.DataFrame:
+    """Every diagnostic of B relative to A, long format (same schema as sparsity_table).
+
+    All tensors: bf16_sparsity, update_frobenius_norm, relative_update_norm (||dW||_F / ||W0||_F).
+    Tensors of ``spectral_kinds`` (2-D layer matrices by default; embeddings and lm_head are
+    costly and reported separately when asked for): spectral_shift (NSS),
+    principal_angle_{left,right}_{max,mean} (degrees, top-k subspaces), and
+    mask_overlap_{principal,low_magnitude} (random baseline = alpha). Aggregates: sparsity
+    rows "module:<name>" and "all:<kind>" as in sparsity_table. Spectra of each tensor are
+    cached by content, so the anchor's are computed once per study.
+    """
+    cache = as_cache(cache)
+    rows = []
+    tally = SparsityTally()
+    for pair in iter_tensor_pairs(dir_a, dir_b):
+        parameters = pair.w0.numel()
+        unchanged = unchanged_count(pair.w0, pair.w1, eta)
+        tally.add(pair.info, unchanged, parameters)
+        delta_norm, base_norm = update_norms(pair.w0, pair.w1)
+        rows.append(_row(pair.name, pair.info, SPARSITY, parameters, unchanged / parameters))
+        rows.append(_row(pair.name, pair.info, "update_frobenius_norm", parameters, delta_norm))
+        relative = delta_norm / base_norm if base_norm > 0 else float("nan")
+        rows.append(_row(pair.name, pair.info, "relative_update_norm", parameters, relative))
+        if pair.info.kind in spectral_kinds and pair.w0.dim() == 2:
+            LOG.info("spectra of %s %s", pair.name, tuple(pair.w0.shape))
+            rows.extend(_spectral_rows(pair.name, pair.info, pair.w0, pair.w1, k, alpha, eta, cache, device))
     return frame(rows + tally.rows())

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from opdgeom.geometry.spectral import Spectrum, low_rank_reconstruction, spectrum
+
 # Elements per chunk: 4M float64 temporaries = 32 MB each.
 CHUNK_NUMEL = 1 << 22
 
@@ -83,3 +85,78 @@ def update_mask(w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3) -> torch.
         stop = start + CHUNK_NUMEL
         torch.logical_not(_unchanged_mask(a_n[start:stop], b_n[start:stop], eta), out=mask_n[start:stop])
     return mask_n.reshape(w0.shape)
+
+
+def extreme_mask(values: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
+    """Boolean mask of exactly ``count`` largest (or smallest) entries, ties broken by flat index.
+
+    torch.quantile refuses tensors over 16M entries (gate/up projections have 50M), and
+    bf16 magnitudes tie often, so the threshold comes from kthvalue and the entries equal
+    to it are taken in index order: the mask has exactly ``count`` entries, deterministically.
+    """
+    flat_n = values.reshape(-1)
+    numel = flat_n.numel()
+    if not 0 <= count <= numel:
+        raise ValueError(f"count must be in 0..{numel}, got {count}")
+    mask_n = torch.zeros(numel, dtype=torch.bool)
+    if count == 0:
+        return mask_n.reshape(values.shape)
+    kth = numel - count + 1 if largest else count
+    threshold = flat_n.kthvalue(kth).values
+    strict_n = flat_n > threshold if largest else flat_n < threshold
+    mask_n |= strict_n
+    need = count - int(torch.count_nonzero(strict_n))
+    ties_t = torch.nonzero(flat_n == threshold).reshape(-1)[:need]
+    mask_n[ties_t] = True
+    return mask_n.reshape(values.shape)
+
+
+def mask_overlap(
+    w0_mn: torch.Tensor,
+    w1_mn: torch.Tensor,
+    alpha: float,
+    k: int,
+    eta: float = 1e-3,
+    spectrum0: Spectrum | None = None,
+) -> dict[str, float]:
+    """Where does the visible update land? Overlap |M_* & M| / |M| of the update mask M with
+
+    - "principal": the top-alpha entries of |rank-k SVD reconstruction of W0| (the weights
+      that carry W0's principal directions), and
+    - "low_magnitude": the bottom-alpha entries of |W0|.
+
+    A mask independent of the update overlaps alpha in expectation (the random baseline).
+    NaN when nothing changed. ``spectrum0`` reuses a cached float64 spectrum of W0.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    changed_mn = update_mask(w0_mn, w1_mn, eta)
+    changed = int(torch.count_nonzero(changed_mn))
+    if changed == 0:
+        return {"principal": float("nan"), "low_magnitude": float("nan")}
+    count = max(1, round(alpha * w0_mn.numel()))
+    spec = spectrum0 if spectrum0 is not None else spectrum(w0_mn, k)
+    recon_mn = low_rank_reconstruction(spec, k).abs_()
+    principal_mn = extreme_mask(recon_mn, count, largest=True)
+    del recon_mn
+    magnitude_mn = w0_mn.detach().abs().to(torch.promote_types(w0_mn.dtype, torch.float32))
+    low_mn = extreme_mask(magnitude_mn, count, largest=False)
+    return {
+        "principal": int(torch.count_nonzero(principal_mn & changed_mn)) / changed,
+        "low_magnitude": int(torch.count_nonzero(low_mn & changed_mn)) / changed,
+    }
+
+
+def update_norms(w0: torch.Tensor, w1: torch.Tensor) -> tuple[float, float]:
+    """(||W1 - W0||_F, ||W0||_F), differences taken in float64 chunk by chunk."""
+    _check_pair(w0, w1, 0.0)
+    a_n = w0.detach().reshape(-1)
+    b_n = w1.detach().reshape(-1)
+    delta_sq = 0.0
+    base_sq = 0.0
+    for start in range(0, a_n.numel(), CHUNK_NUMEL):
+        a64 = a_n[start : start + CHUNK_NUMEL].to(torch.float64)
+        b64 = b_n[start : start + CHUNK_NUMEL].to(torch.float64)
+        delta_sq += float(torch.sub(b64, a64).square_().sum())
+        base_sq += float(a64.square().sum())
+    return delta_sq**0.5, base_sq**0.5

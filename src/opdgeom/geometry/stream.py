@@ -259,3 +259,38 @@ def iter_tensor_pairs(
             w0 = reader_a.load(entry_a)
             w1 = reader_b.load(entries_b[name])
             yield TensorPair(name=name, info=classify(name, len(entry_a.shape)), w0=w0, w1=w1)
+
+
+class CheckpointSeries:
+    """Several checkpoints of one architecture (a training trajectory), read one tensor at a time.
+
+    All headers are validated against the first checkpoint on construction; use as a
+    context manager so the file handles close.
+    """
+
+    def __init__(self, folders: Iterable[str | Path]):
+        self.folders = [Path(f) for f in folders]
+        if not self.folders:
+            raise CheckpointError("no checkpoints given")
+        self._entries = [read_checkpoint(f) for f in self.folders]
+        for folder, entries in zip(self.folders[1:], self._entries[1:], strict=True):
+            check_pair(self._entries[0], entries, self.folders[0], folder)
+        self.names = sorted(self._entries[0], key=_sort_key)
+        self._stack = ExitStack()
+        self._readers = [_Reader(self._stack) for _ in self.folders]
+
+    def __enter__(self) -> CheckpointSeries:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def info(self, name: str) -> TensorInfo:
+        return classify(name, len(self._entries[0][name].shape))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[0][name].shape
+
+    def load(self, index: int, name: str) -> torch.Tensor:
+        """Tensor ``name`` of checkpoint number ``index`` (finite-checked)."""
+        return self._readers[index].load(self._entries[index][name])

@@ -1,10 +1,13 @@
 """Data domains of the study: synthetic tasks with verifiers, a pretraining corpus, file I/O.
 
-`get_task(name, **params)` is how the config names a domain ("math", "programs").
+`get_task(name, **params)` is how the config names a domain ("math", "programs", or a real data
+set such as "gsm8k").
 """
 
 from opdgeom.tasks.base import Example, Task, extract_answer, normalize_answer, split, verify
 from opdgeom.tasks.corpus import generic_corpus
+from opdgeom.tasks.datasets import SOURCES as DATASET_SOURCES
+from opdgeom.tasks.datasets import DatasetTask
 from opdgeom.tasks.files import load_hf_dataset, load_jsonl_dataset, read_jsonl, write_jsonl
 from opdgeom.tasks.math import MathTask
 from opdgeom.tasks.programs import ProgramTask
@@ -14,12 +17,20 @@ TASKS: dict[str, type[Task]] = {MathTask.name: MathTask, ProgramTask.name: Progr
 
 def get_task(name: str, **params) -> Task:
     """The task registered as `name`, built with `params` (its constructor's keywords)."""
+    if name in DATASET_SOURCES:
+        return DatasetTask(name)
     if name not in TASKS:
-        raise ValueError(f"unknown task domain {name!r}; known domains: {sorted(TASKS)}")
+        raise ValueError(f"unknown task domain {name!r}; known domains: {sorted([*TASKS, *DATASET_SOURCES])}")
     return TASKS[name](**params)
 
 
+def known_domains() -> list[str]:
+    return sorted([*TASKS, *DATASET_SOURCES])
+
+
 __all__ = [
+    "DatasetTask",
+    "known_domains",
     "Example",
     "MathTask",
     "ProgramTask",

@@ -1,0 +1,5 @@
+import sys
+
+from opdgeom.cli import main
+
+sys.exit(main())

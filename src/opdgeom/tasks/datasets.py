@@ -1,0 +1,45 @@
+"""Real data sets behind the task interface, for the cluster presets (GSM8K style: "#### answer").
+
+A real domain has no generator: its examples come from the hub (or a local JSONL mirror set with
+OPDGEOM_DATA_<NAME> for air-gapped clusters); its verifier is the same as the synthetic domains'.
+"""
+
+import os
+import random
+
+from opdgeom.tasks.base import Example, Task
+from opdgeom.tasks.files import load_hf_dataset, load_jsonl_dataset
+
+SOURCES = {
+    # name: (hub data set, config, train split, eval split)
+    "gsm8k": ("openai/gsm8k", "main", "train", "test"),
+}
+
+
+class DatasetTask(Task):
+    """A named real data set; ``load_splits`` replaces ``split`` for it."""
+
+    def __init__(self, name: str):
+        if name not in SOURCES:
+            raise ValueError(f"unknown real data set {name!r}; known: {sorted(SOURCES)}")
+        self.name = name
+
+    @property
+    def num_prompts(self) -> int:
+        return 0
+
+    def sample(self, rng: random.Random) -> Example:
+        raise TypeError(f"domain {self.name!r} is a real data set: it has examples, not a generator")
+
+    def load_splits(self, n_train: int, n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
+        """The first ``n_eval`` test examples, and ``n_train`` train examples shuffled by seed."""
+        dataset, config, train_split, eval_split = SOURCES[self.name]
+        local = os.environ.get(f"OPDGEOM_DATA_{self.name.upper()}")
+        if local:
+            train = load_jsonl_dataset(os.path.join(local, f"{train_split}.jsonl"))
+            held_out = load_jsonl_dataset(os.path.join(local, f"{eval_split}.jsonl"), limit=n_eval)
+        else:
+            train = load_hf_dataset(dataset, config, train_split)
+            held_out = load_hf_dataset(dataset, config, eval_split, limit=n_eval)
+        random.Random(seed).shuffle(train)
+        return train[:n_train], held_out

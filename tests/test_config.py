@@ -1,0 +1,94 @@
+"""Bad configuration stops the workflow before any job, with a message that names the key."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from opdgeom.config import ConfigError
+from opdgeom.plan import Study
+
+from conftest import REPO
+
+
+def base_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def study(config: dict) -> Study:
+    return Study.from_config(config, REPO / "config" / "families", REPO / "workflow" / "schemas")
+
+
+def with_runs(*runs) -> dict:
+    config = base_config()
+    config["runs"] = list(runs)
+    return config
+
+
+def test_default_config_plans_the_study():
+    s = study(base_config())
+    assert "sft" in s.runs and "teacher.math" in s.runs
+    assert s.runs["teacher.math"].init == "teacher" and s.runs["sft"].init == "student"
+    assert s.runs["sft"].checkpoint_steps[-1] == s.runs["sft"].train["steps"]
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c.update(family="nope"), "family: unknown family 'nope'"),
+        (lambda c: c.pop("seed"), "seed: required key is missing"),
+        (lambda c: c["train"].pop("lr"), "train.lr: required key is missing"),
+        (lambda c: c["train"].update(steps="ten"), "train.steps: 'ten' is not of type 'integer'"),
+        (lambda c: c["runs"][0].update(method="dpo"), "runs[0].method"),
+        (lambda c: c.update(colour="blue"), "'colour' was unexpected"),
+        (lambda c: c["data"].update(domain="chess"), "data.domain: unknown domain 'chess'"),
+        (lambda c: c.update(family_overrides={"pretrain": {"steps": -1}}), "pretrain.steps"),
+    ],
+)
+def test_invalid_config_names_the_key(mutate, expected):
+    config = copy.deepcopy(base_config())
+    mutate(config)
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(")):
+        study(config)
+
+
+def test_unknown_run_reference_is_named():
+    config = with_runs({"name": "opd", "method": "opd", "init": "sfx"})
+    with pytest.raises(ConfigError, match=r"runs\[0\]\.init: unknown model or run 'sfx'"):
+        study(config)
+
+
+def test_unknown_teacher_is_named():
+    config = with_runs({"name": "opd", "method": "opd", "init": "student", "teacher": "oracle"})
+    with pytest.raises(ConfigError, match=r"runs\[0\]\.teacher: unknown model 'oracle'"):
+        study(config)
+
+
+def test_duplicate_and_cyclic_runs_are_rejected():
+    with pytest.raises(ConfigError, match="used twice"):
+        study(with_runs({"name": "a", "method": "sft", "init": "student"}, {"name": "a", "method": "sft", "init": "student"}))
+    with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
+        study(with_runs({"name": "a", "method": "sft", "init": "b"}, {"name": "b", "method": "sft", "init": "a"}))
+
+
+def test_run_overrides_merge_over_family_and_defaults():
+    config = with_runs({"name": "long", "method": "sft", "init": "student", "train": {"steps": 7}})
+    config["family_overrides"] = {"train": {"lr": 0.5}}
+    s = study(config)
+    assert s.runs["long"].train["steps"] == 7
+    assert s.runs["long"].train["lr"] == 0.5
+    assert s.runs["long"].train["batch_size"] == base_config()["train"]["batch_size"]
+
+
+def test_snakemake_refuses_bad_config_before_any_job(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--config", "family=nope", f"results_dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "family: unknown family 'nope'" in proc.stdout + proc.stderr
+    assert not any(tmp_path.iterdir())

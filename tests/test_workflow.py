@@ -1,0 +1,112 @@
+"""Real Snakemake runs: a dry run of the full study for every family preset, and the smoke study
+end to end (real tiny models, real training, real safetensors checkpoints)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from safetensors import safe_open
+
+from conftest import REPO
+
+FAMILIES = sorted(p.stem for p in (REPO / "config" / "families").glob("*.yaml"))
+
+
+def snakemake(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dry_run_plans_the_whole_study(family, tmp_path):
+    proc = snakemake("-n", "--config", f"family={family}", f"results_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    for rule in ("model", "train", "evaluate", "sparsity", "table1", "accuracy"):
+        assert f"rule {rule}:" in out or f"localrule {rule}:" in out, f"{family}: no {rule} job planned"
+    assert f"{tmp_path}/{family}/figures/table1.md" in out
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """Run the smoke study once; the tests below inspect what it wrote."""
+    results = tmp_path_factory.mktemp("smoke")
+    proc = snakemake(
+        "--profile", "profiles/local", "--configfile", "config/smoke.yaml",
+        "--config", f"results_dir={results}", f"cache_dir={results}/cache",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return results / "tiny-qwen3"
+
+
+@pytest.mark.workflow
+def test_smoke_outputs_exist_and_are_sane(smoke):
+    for name in ("table1.csv", "table1.md", "accuracy.png", "accuracy.pdf", "accuracy.csv"):
+        assert (smoke / "figures" / name).stat().st_size > 0, name
+    table = pl.read_csv(smoke / "figures" / "table1.csv")
+    assert table["run"].to_list() == ["sft"]
+    for column in ("matrices", "embedding", "lm_head", "1-D"):
+        assert table[column].is_between(0.0, 1.0).all(), column
+    # A training run moves almost every matrix weight by more than one bf16 step.
+    assert table["matrices"][0] < 0.5
+
+
+@pytest.mark.workflow
+def test_smoke_teacher_beats_base(smoke):
+    acc = pl.read_parquet(smoke / "eval" / "*.parquet")
+    base = acc.filter(pl.col("ref") == "student")["accuracy"][0]
+    teacher = acc.filter(pl.col("ref") == "teacher.math").sort("step")["accuracy"][-1]
+    assert teacher > base, (teacher, base)
+
+
+@pytest.mark.workflow
+def test_smoke_checkpoints_are_bf16_hf_folders_with_manifest(smoke):
+    manifest = json.loads((smoke / "runs" / "sft" / "manifest.json").read_text())
+    steps = [c["step"] for c in manifest["checkpoints"]]
+    assert steps == [0, 10, 20]
+    assert manifest["checkpoints"][1]["tokens"] > 0 and manifest["checkpoints"][1]["loss"] > 0
+    final = smoke / "runs" / "sft" / manifest["checkpoints"][-1]["path"]
+    assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
+    with safe_open(final / "model.safetensors", "pt") as fh:
+        dtypes = {str(fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    assert dtypes == {"BF16"}
+    init = (smoke / "runs" / "sft" / manifest["checkpoints"][0]["path"]).resolve()
+    assert init == (smoke / "models" / "student").resolve()
+
+
+@pytest.mark.workflow
+def test_smoke_rerun_has_nothing_to_do_and_one_figure_rebuilds_alone(smoke):
+    results = smoke.parent
+    config = ["--configfile", "config/smoke.yaml", "--config", f"results_dir={results}", f"cache_dir={results}/cache"]
+    proc = snakemake("-n", *config)
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+    (smoke / "figures" / "table1.md").unlink()
+    proc = snakemake("--profile", "profiles/local", "table1", *config)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "rule table1:" in out
+    for rule in ("train", "model", "evaluate", "sparsity"):
+        assert f"rule {rule}:" not in out, f"rebuilding table1 reran {rule}"
+    assert (smoke / "figures" / "table1.md").exists()
+
+
+@pytest.mark.workflow
+def test_compare_rejects_a_truncated_checkpoint(smoke, tmp_path):
+    import shutil
+
+    good = smoke / "models" / "student"
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "table.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-m", "opdgeom", "compare", str(good), str(bad), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert str(bad / "model.safetensors") in proc.stderr
+    assert not out.exists()
