@@ -54,7 +54,15 @@ def _model(args) -> None:
 def _train(args) -> None:
     from opdgeom.train.run import train_run
 
-    train_run(json.loads(args.spec), args.init, args.train_data, args.out, args.seed, teacher=args.teacher)
+    train_run(
+        json.loads(args.spec),
+        args.init,
+        args.train_data,
+        args.out,
+        args.seed,
+        teacher=args.teacher,
+        projection_reference=args.projection_reference,
+    )
 
 
 def _checkpoints(args) -> list[dict]:
@@ -142,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, required=True)
     p.add_argument("--train-data", type=Path, required=True)
     p.add_argument("--teacher", type=Path)
+    p.add_argument(
+        "--projection-reference", type=Path, nargs=2, metavar=("INIT", "CHECKPOINT"),
+        help="the reference run's init and checkpoint whose update spans the training subspace",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_train)

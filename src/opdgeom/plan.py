@@ -13,6 +13,7 @@ from opdgeom.config import ConfigError, deep_merge, load_family, validate
 from opdgeom.tasks import known_domains
 
 METHODS_NEEDING_TEACHER = ("opd", "mix")
+OPTION_KEYS = ("alpha", "token_mask", "behaviour", "projection")
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,9 @@ class RunSpec:
     method: str
     init: str  # a model of the family or another run's name
     domain: str
-    teacher: str | None  # a model reference resolved to a path by Study.teacher_path
+    teacher: str | None  # a model of the family; Study.teacher_ref says which checkpoint serves it
     train: dict = field(hash=False)
+    options: dict = field(default_factory=dict, hash=False)  # alpha, token_mask, behaviour, projection
 
     @property
     def checkpoint_steps(self) -> list[int]:
@@ -32,7 +34,7 @@ class RunSpec:
         return sorted({*range(every, steps + 1, every), steps})
 
     def to_json(self) -> dict:
-        return {"name": self.name, "method": self.method, "domain": self.domain, "train": self.train}
+        return {"name": self.name, "method": self.method, "domain": self.domain, "train": self.train, **self.options}
 
 
 class Study:
@@ -80,7 +82,9 @@ class Study:
                 domain=entry.get("domain", self.data["domain"]),
                 teacher=teacher,
                 train=deep_merge(self.train_defaults, entry.get("train", {})),
+                options={k: entry[k] for k in OPTION_KEYS if k in entry},
             )
+            self._check_options(where, runs[name])
         domains = known_domains()
         for i, spec in enumerate(runs.values()):
             if spec.domain not in domains:
@@ -88,9 +92,22 @@ class Study:
             if spec.init not in runs and spec.init not in self.models:
                 known = ", ".join([*self.models, *runs])
                 raise ConfigError(f"config: runs[{i}].init: unknown model or run {spec.init!r}; known: {known}")
+        for i, spec in enumerate(runs.values()):
+            reference = spec.options.get("projection", {}).get("reference")
+            if reference is not None and reference not in runs:
+                raise ConfigError(f"config: runs[{i}].projection.reference: unknown run {reference!r}")
         self._check_acyclic(runs)
         runs.update(self._teacher_finetunes(runs))
         return runs
+
+    @staticmethod
+    def _check_options(where: str, spec: RunSpec) -> None:
+        if spec.method == "mix" and "alpha" not in spec.options:
+            raise ConfigError(f"{where}.alpha: required for method 'mix'")
+        if spec.method == "sft" and ({"token_mask", "behaviour", "alpha"} & set(spec.options)):
+            raise ConfigError(f"{where}: token_mask, behaviour and alpha apply to policy-gradient methods only")
+        if spec.options.get("token_mask", {}).get("select") == "top" and spec.method == "rlvr":
+            raise ConfigError(f"{where}.token_mask.select: 'top' ranks tokens by teacher KL; rlvr has no teacher")
 
     @staticmethod
     def _check_acyclic(runs: dict[str, RunSpec]) -> None:
@@ -101,6 +118,9 @@ class Study:
                     raise ConfigError(f"config: runs: init forms a cycle: {' -> '.join([*seen, name])}")
                 seen.append(name)
                 name = runs[name].init
+            reference = runs[start].options.get("projection", {}).get("reference")
+            if reference == start:
+                raise ConfigError(f"config: runs: {start!r} cannot be its own projection reference")
 
     def _teacher_finetunes(self, runs: dict[str, RunSpec]) -> dict[str, RunSpec]:
         """Built (tiny) teachers know nothing of the task: plan one SFT run per (teacher, domain)."""
@@ -150,6 +170,13 @@ class Study:
     def ref_marker(self, ref: str) -> Path:
         """The file that proves ``ref`` exists (what a rule depends on)."""
         return self.model_dir(ref) if ref in self.models else self.manifest(ref)
+
+    def projection_checkpoint(self, run: str) -> tuple[str, int]:
+        """(reference run, its checkpoint step nearest to at_fraction of its training)."""
+        p = self.runs[run].options["projection"]
+        ref = self.runs[p["reference"]]
+        target = p["at_fraction"] * ref.train["steps"]
+        return ref.name, min(ref.checkpoint_steps, key=lambda step: (abs(step - target), step))
 
     def teacher_ref(self, teacher: str, domain: str) -> str:
         if self.models[teacher]["source"] == "build":

@@ -41,6 +41,9 @@ def run_inputs(wildcards):
     inputs = {"init": str(STUDY.ref_marker(spec.init)), "train_data": str(STUDY.data_file(spec.domain, "train"))}
     if spec.teacher:
         inputs["teacher"] = str(STUDY.ref_marker(STUDY.teacher_ref(spec.teacher, spec.domain)))
+    if "projection" in spec.options:
+        reference, _ = STUDY.projection_checkpoint(wildcards.run)
+        inputs["reference"] = str(STUDY.manifest(reference))
     return inputs
 
 
@@ -50,6 +53,10 @@ def run_flags(wildcards):
     flags = f"--init {STUDY.ref_path(spec.init)}"
     if spec.teacher:
         flags += f" --teacher {STUDY.ref_path(STUDY.teacher_ref(spec.teacher, spec.domain))}"
+    if "projection" in spec.options:
+        reference, step = STUDY.projection_checkpoint(wildcards.run)
+        ref_init = STUDY.ref_path(STUDY.runs[reference].init)
+        flags += f" --projection-reference {ref_init} {STUDY.checkpoint_dir(reference, step)}"
     return flags
 
 

@@ -55,13 +55,15 @@ def train(
     run_dir: str | Path,
     checkpoint_steps: list[int],
     fingerprint: str,
-    on_step_end=None,
+    projection=None,
 ) -> list[dict]:
     """Train ``model`` in place for ``settings['steps']`` steps; return the checkpoint records.
 
     Resumes from ``run_dir/trainer_state.pt`` when it exists and its fingerprint matches (weights,
     optimizer, schedule, records). The data position and every random draw are pure functions of
-    (seed, step), so a resumed run replays exactly what the uninterrupted run would have done.
+    (seed, step), so a resumed run replays exactly what the uninterrupted run would have done;
+    state a method carries across steps (a lagged behaviour copy) is saved with the rest.
+    ``projection`` (optional) constrains gradients after backward or weights after each update.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +80,7 @@ def train(
         state = torch.load(state_path, weights_only=False)
         if state["fingerprint"] == fingerprint:
             model.load_state_dict(state["model"])
+            method.load_state_dict(state["method"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start, tokens_seen, records, wall_before = state["step"], state["tokens"], state["records"], state["wall"]
@@ -96,13 +99,15 @@ def train(
             raise NonFiniteError(f"step {step + 1}: loss is {loss.item()}; stopping before any checkpoint")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if projection is not None:
+            projection.after_backward(model)  # project first, so clipping sees the applied gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
         if not torch.isfinite(grad_norm):
             raise NonFiniteError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping")
-        if on_step_end is not None:
-            on_step_end(model, step)
         optimizer.step()
         scheduler.step()
+        if projection is not None:
+            projection.after_update(model)
         tokens_seen += stats["trained_tokens"]
         t_step = time.perf_counter() - t0
 
@@ -139,6 +144,7 @@ def train(
                     "records": records,
                     "wall": wall_before + time.perf_counter() - t_start,
                     "model": model.state_dict(),
+                    "method": method.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                 },
@@ -147,7 +153,9 @@ def train(
     return records
 
 
-def write_manifest(run_dir: str | Path, run: dict, init_path: str | Path, records: list[dict]) -> Path:
+def write_manifest(
+    run_dir: str | Path, run: dict, init_path: str | Path, records: list[dict], extra: dict | None = None
+) -> Path:
     """manifest.json: the run's settings and every checkpoint (step 0 is the init model itself).
 
     Paths are relative to the run folder so a results tree can be moved as a whole.
@@ -155,7 +163,7 @@ def write_manifest(run_dir: str | Path, run: dict, init_path: str | Path, record
     run_dir = Path(run_dir)
     init_rel = os.path.relpath(Path(init_path), run_dir)
     entries = [{"step": 0, "path": init_rel, "tokens": 0, "loss": None, "wall_time": 0.0}, *records]
-    manifest = {"run": run, "checkpoints": entries}
+    manifest = {"run": run, "checkpoints": entries, **(extra or {})}
     path = run_dir / "manifest.json"
     tmp = path.with_name(".manifest.json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2))

@@ -53,3 +53,25 @@ def grpo_advantages(rewards_B: torch.Tensor, group_size: int, eps: float = 1e-6)
 def mix_advantages(opd_BT: torch.Tensor, rlvr_B: torch.Tensor, alpha: float) -> torch.Tensor:
     """A = alpha * A_OPD + (1 - alpha) * A_RLVR, the sequence advantage broadcast over tokens."""
     return alpha * opd_BT + (1.0 - alpha) * rlvr_B.unsqueeze(1)
+
+
+def select_tokens(
+    scores_BT: torch.Tensor, mask_BT: torch.Tensor, keep: float, how: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Keep round(keep * n) of the n valid (mask = 1) tokens of the batch, by top score or at random.
+
+    ``how="top"`` keeps the largest scores (top-KL sparsification when scores are the per-token
+    reverse KL); ``how="random"`` keeps a uniformly random subset of the same size. Ties in the
+    top selection are broken by position (stable sort), so the mask is deterministic.
+    """
+    valid = mask_BT.flatten().nonzero().squeeze(1)
+    n_keep = int(round(keep * valid.numel()))
+    if how == "top":
+        order = torch.sort(scores_BT.flatten()[valid], descending=True, stable=True).indices
+    elif how == "random":
+        order = torch.randperm(valid.numel(), generator=generator)
+    else:
+        raise ValueError(f"token selection must be 'top' or 'random', got {how!r}")
+    kept_BT = torch.zeros_like(mask_BT).flatten()
+    kept_BT[valid[order[:n_keep]]] = 1
+    return kept_BT.view_as(mask_BT)

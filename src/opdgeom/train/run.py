@@ -8,11 +8,12 @@ import shutil
 from pathlib import Path
 
 from opdgeom.models import build_model, load_model, load_tokenizer, save_model
-from opdgeom.rollout import HFEngine
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.train.loop import STATE_FILE, _log, train, write_manifest
+from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
 from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
+from opdgeom.train.projection import SubspaceProjection
 
 POLICY_GRADIENT_METHODS = ("opd", "rlvr", "mix")
 
@@ -36,40 +37,74 @@ def _clear_stale(run_dir: Path, fp: str) -> None:
             stale.unlink()
 
 
-def make_method(run: dict, tokenizer, examples, model, teacher_path, seed: int):
+def make_behaviour(run: dict, model, init: Path):
+    """Who samples: the policy itself, the frozen init (the SFT anchor), or a lagged copy."""
+    spec = run.get("behaviour")
+    if spec is None:
+        return OnPolicy()
+    if spec["policy"] == "anchor":
+        return FrozenPolicy(load_model(init))
+    return LaggedPolicy(model, spec["lag"])
+
+
+def make_method(run: dict, tokenizer, examples, model, init: Path, teacher_path, seed: int):
     settings = run["train"]
     if run["method"] == "sft":
         return SFTMethod(tokenizer, examples, settings["batch_size"], seed)
     if run["method"] in POLICY_GRADIENT_METHODS:
-        teacher = load_model(teacher_path).eval() if teacher_path else None
+        teacher = load_model(teacher_path).eval().requires_grad_(False) if teacher_path else None
         return PolicyGradientMethod(
             tokenizer,
             examples,
             get_task(run["domain"]),
-            HFEngine(model, tokenizer),
             settings,
             seed,
             advantage=run["method"],
             teacher=teacher,
+            behaviour=make_behaviour(run, model, init),
+            token_mask=run.get("token_mask"),
+            alpha=run.get("alpha"),
         )
     raise ValueError(f"run {run['name']!r}: unknown method {run['method']!r}")
 
 
-def train_run(run: dict, init: Path, train_data: Path, out_dir: Path, seed: int, teacher: Path | None = None) -> Path:
-    """Train ``run`` (the plan's RunSpec as JSON) from ``init``; write checkpoints and manifest."""
+def train_run(
+    run: dict,
+    init: Path,
+    train_data: Path,
+    out_dir: Path,
+    seed: int,
+    teacher: Path | None = None,
+    projection_reference: tuple[Path, Path] | None = None,
+) -> Path:
+    """Train ``run`` (the plan's RunSpec as JSON) from ``init``; write checkpoints and manifest.
+
+    ``projection_reference`` = (reference init, reference checkpoint) for subspace-projected runs.
+    """
     init, train_data, out_dir = Path(init), Path(train_data), Path(out_dir)
-    fp = fingerprint(run, str(init), str(train_data), str(teacher), seed)
+    fp = fingerprint(run, str(init), str(train_data), str(teacher), str(projection_reference), seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_stale(out_dir, fp)
     tokenizer = load_tokenizer(init)
     model = load_model(init)
     examples = read_jsonl(train_data)
-    method = make_method(run, tokenizer, examples, model, teacher, seed)
+    method = make_method(run, tokenizer, examples, model, init, teacher, seed)
+    projection = None
+    if run.get("projection"):
+        if projection_reference is None:
+            raise ValueError(f"run {run['name']!r} asks for a projection but no reference checkpoints were given")
+        p = run["projection"]
+        projection = SubspaceProjection.from_reference(model, *projection_reference, p["rank"], p["mode"])
     _log(f"run {run['name']}: method={run['method']} init={init} examples={len(examples)} steps={run['train']['steps']}")
     every, steps = run["train"]["checkpoint_every"], run["train"]["steps"]
     checkpoint_steps = sorted({*range(every, steps + 1, every), steps})
-    records = train(model, tokenizer, method, run["train"], out_dir, checkpoint_steps, fp)
-    return write_manifest(out_dir, run, init, records)
+    records = train(model, tokenizer, method, run["train"], out_dir, checkpoint_steps, fp, projection)
+    extra = {}
+    if projection is not None:
+        energy = projection.energy_outside()
+        _log(f"update energy outside the rank-{run['projection']['rank']} subspace: {energy['total']:.3e}")
+        extra["projection"] = {**run["projection"], "energy_outside": energy}
+    return write_manifest(out_dir, run, init, records, extra)
 
 
 def build_and_pretrain(spec: dict, pretrain: dict, tokenizer_dir: Path, corpus: Path, out_dir: Path, seed: int) -> Path:

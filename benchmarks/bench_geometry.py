@@ -1,0 +1,200 @@
+"""Benchmark the geometry engine against a naive implementation on Qwen3-8B matrix shapes.
+
+Builds a synthetic bf16 checkpoint pair (per layer: q/o 4096x4096, k/v 1024x4096,
+gate/up 12288x4096, down 4096x12288, plus norms), then times in separate processes
+(so each peak RSS is its own):
+
+- naive: load both state dicts whole, float32 full SVD of W0 and W1 per matrix (angles,
+  NSS, rank-k reconstruction), whole-tensor float32 sparsity, topk masks;
+- engine cold: opdgeom.geometry.compare_checkpoints with an empty statistics cache;
+- engine warm: the same call again on the filled cache.
+
+Prints times, ratios, peak memory and how far the naive float32 numbers are from the
+engine's float64 ones. Usage: python benchmarks/bench_geometry.py [--layers 2] [--skip-naive]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SHAPES = {
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (1024, 4096),
+    "self_attn.v_proj": (1024, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (12288, 4096),
+    "mlp.up_proj": (12288, 4096),
+    "mlp.down_proj": (4096, 12288),
+}
+VECTORS = {"input_layernorm": 4096, "post_attention_layernorm": 4096, "self_attn.q_norm": 128, "self_attn.k_norm": 128}
+ALPHA = 0.05
+ETA = 1e-3
+
+
+def build_pair(folder: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
+    """W0 = N(0, 0.02^2) bulk + 32 separated spikes; W1 = W0 + rank-8 drift + noise on 30% of entries.
+
+    The spikes give W0 a well separated top of the spectrum, as trained weights have, so
+    top-16 subspaces are well defined; all stored in bf16 like a short training run.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    state_a, state_b = {}, {}
+    for layer in range(layers):
+        for module, (m, n) in SHAPES.items():
+            name = f"model.layers.{layer}.{module}.weight"
+            bulk_edge = 0.02 * (math.sqrt(m) + math.sqrt(n))
+            spikes_r = bulk_edge * (2 + 30 / torch.arange(1, 33, dtype=torch.float32))
+            u_mr = torch.randn(m, 32, generator=gen) / math.sqrt(m)
+            v_nr = torch.randn(n, 32, generator=gen) / math.sqrt(n)
+            w0 = 0.02 * torch.randn(m, n, generator=gen) + (u_mr * spikes_r) @ v_nr.T
+            drift = torch.randn(m, 8, generator=gen) @ torch.randn(8, n, generator=gen) * 2e-5
+            touched = torch.rand(m, n, generator=gen) < 0.3
+            w1 = w0 + drift + touched * 2e-4 * torch.randn(m, n, generator=gen)
+            state_a[name], state_b[name] = w0.to(torch.bfloat16), w1.to(torch.bfloat16)
+        for module, n in VECTORS.items():
+            name = f"model.layers.{layer}.{module}.weight"
+            w0 = 1 + 0.1 * torch.randn(n, generator=gen)
+            state_a[name], state_b[name] = w0.to(torch.bfloat16), (w0 + 1e-3 * torch.randn(n, generator=gen)).to(
+                torch.bfloat16
+            )
+    dir_a, dir_b = folder / "a", folder / "b"
+    for d, state in ((dir_a, state_a), (dir_b, state_b)):
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(d / "model.safetensors"))
+    return dir_a, dir_b
+
+
+def naive(dir_a: Path, dir_b: Path, k: int) -> dict:
+    """What one writes first: whole state dicts, float32 torch.linalg.svd, whole-tensor temporaries."""
+    state_a, state_b = load_file(str(dir_a / "model.safetensors")), load_file(str(dir_b / "model.safetensors"))
+    out = {}
+    for name, a in state_a.items():
+        w0, w1 = a.float(), state_b[name].float()
+        unchanged = ((w1 - w0).abs() <= ETA * torch.maximum(w0.abs(), w1.abs())).float().mean().item()
+        if w0.dim() != 2:
+            out[name] = {"bf16_sparsity": unchanged}
+            continue
+        u0, s0, v0t = torch.linalg.svd(w0, full_matrices=False)
+        u1, s1, v1t = torch.linalg.svd(w1, full_matrices=False)
+        left = torch.rad2deg(torch.arccos(torch.linalg.svdvals(u0[:, :k].T @ u1[:, :k]).clamp(max=1)))
+        right = torch.rad2deg(torch.arccos(torch.linalg.svdvals(v0t[:k] @ v1t[:k].T).clamp(max=1)))
+        recon = ((u0[:, :k] * s0[:k]) @ v0t[:k]).abs().reshape(-1)
+        count = max(1, round(ALPHA * recon.numel()))
+        changed = ((w1 - w0).abs() > ETA * torch.maximum(w0.abs(), w1.abs())).reshape(-1)
+        principal = torch.zeros_like(changed)
+        principal[recon.topk(count).indices] = True
+        out[name] = {
+            "bf16_sparsity": unchanged,
+            "spectral_shift": ((s1 - s0).norm() / s0.norm()).item(),
+            "principal_angle_left_max": left.max().item(),
+            "principal_angle_right_max": right.max().item(),
+            "mask_overlap_principal": (principal & changed).sum().item() / max(1, changed.sum().item()),
+        }
+    return out
+
+
+def engine(dir_a: Path, dir_b: Path, k: int, cache: Path) -> dict:
+    from opdgeom.geometry import compare_checkpoints
+
+    table = compare_checkpoints(dir_a, dir_b, k=k, alpha=ALPHA, eta=ETA, cache=cache)
+    out = {}
+    for row in table.iter_rows(named=True):
+        out.setdefault(row["tensor"], {})[row["metric"]] = row["value"]
+    return out
+
+
+def child(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    if args.mode == "naive":
+        values = naive(args.dir_a, args.dir_b, args.k)
+    else:
+        values = engine(args.dir_a, args.dir_b, args.k, args.cache)
+    seconds = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"seconds": seconds, "peak_gb": peak_gb, "values": values}))
+
+
+def run_mode(mode: str, dir_a: Path, dir_b: Path, k: int, cache: Path) -> dict:
+    cmd = [sys.executable, __file__, "--mode", mode, "--dir-a", str(dir_a), "--dir-b", str(dir_b)]
+    cmd += ["--k", str(k), "--cache", str(cache)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def worst_gap(naive_values: dict, engine_values: dict, metric: str, relative: bool) -> float:
+    gaps = []
+    for name, values in naive_values.items():
+        if metric in values and metric in engine_values.get(name, {}):
+            ref = engine_values[name][metric]
+            gap = abs(values[metric] - ref)
+            gaps.append(gap / abs(ref) if relative and ref else gap)
+    return max(gaps) if gaps else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--workdir", type=Path, default=None, help="where the synthetic pair goes (default: temp)")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--mode", choices=["naive", "engine"], help=argparse.SUPPRESS)
+    parser.add_argument("--dir-a", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dir-b", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        dir_a, dir_b = build_pair(tmp, args.layers)
+        size_gb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2**30
+        print(f"synthetic pair: {args.layers} layer(s), {size_gb:.2f} GiB on disk, built in {time.perf_counter() - t0:.0f} s")
+        results = {}
+        modes = [("engine_cold", "engine"), ("engine_warm", "engine")]
+        if not args.skip_naive:
+            modes.insert(0, ("naive", "naive"))
+        for label, mode in modes:
+            results[label] = run_mode(mode, dir_a, dir_b, args.k, tmp / "cache")
+            print(f"{label:12s} {results[label]['seconds']:8.1f} s   peak RSS {results[label]['peak_gb']:.2f} GiB")
+        cold, warm = results["engine_cold"], results["engine_warm"]
+        print(f"warm cache speed-up over cold: {cold['seconds'] / warm['seconds']:.1f}x")
+        if "naive" in results:
+            base = results["naive"]
+            print(f"engine cold speed-up over naive: {base['seconds'] / cold['seconds']:.1f}x")
+            print(f"engine warm speed-up over naive: {base['seconds'] / warm['seconds']:.1f}x")
+            print(f"peak memory naive / engine: {base['peak_gb'] / cold['peak_gb']:.1f}x")
+            for metric, relative in (
+                ("spectral_shift", True),
+                ("principal_angle_left_max", False),
+                ("principal_angle_right_max", False),
+                ("bf16_sparsity", False),
+                ("mask_overlap_principal", False),
+            ):
+                gap = worst_gap(base["values"], cold["values"], metric, relative)
+                print(f"naive float32 vs engine float64, worst {'relative' if relative else 'absolute'} gap in {metric}: {gap:.3g}")
+        same = all(
+            cold["values"][t][m] == warm["values"][t][m] or (math.isnan(cold["values"][t][m]) and math.isnan(warm["values"][t][m]))
+            for t in cold["values"]
+            for m in cold["values"][t]
+        )
+        print(f"warm results identical to cold: {same}")
+        nss = [v["spectral_shift"] for v in cold["values"].values() if "spectral_shift" in v]
+        angles = [v["principal_angle_left_max"] for v in cold["values"].values() if "principal_angle_left_max" in v]
+        print(f"engine: NSS {min(nss):.2e}..{max(nss):.2e}, max left angle {min(angles):.3g}..{max(angles):.3g} deg")
+
+
+if __name__ == "__main__":
+    main()
