@@ -17,9 +17,9 @@ NODE=localhost
 
 [[ $EUID -eq 0 ]] || { echo "start.sh: must run as root (daemons, /etc/slurm, mknod)" >&2; exit 2; }
 
-alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { local pid; pid=$(cat "$DIR/run/$1.pid" 2>/dev/null) && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1" ]]; }
 
-if alive "$DIR/run/munged.pid" && alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid"; then
+if alive munged && alive slurmctld && alive slurmd; then
     echo "local Slurm already running ($DIR)"
     exit 0
 fi
@@ -39,7 +39,7 @@ fi
 
 # A half-started or crashed earlier cluster: stop what is left, then start from clean state.
 "$(dirname "$0")/stop.sh" >/dev/null
-rm -rf "$DIR"
+rm -rf "$DIR"/{etc,run,log,spool,dev,munge}
 mkdir -p "$DIR"/{etc,run,log,spool/ctld,spool/d,dev}
 chmod 755 "$DIR"
 
@@ -75,14 +75,10 @@ DefMemPerCPU=1000
 MailProg=/bin/true
 ReturnToService=2
 SlurmdParameters=config_overrides
-# squeue is the job-status source (no slurmdbd): keep finished jobs visible for 5 minutes.
-MinJobAge=300
+# No slurmdbd: squeue is the job-status source and scontrol shows what each job got, for an hour.
+MinJobAge=3600
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-# One line per finished job (partition, TRES incl. gres/gpu): the test's proof of what ran where.
-JobCompType=jobcomp/filetxt
-JobCompLoc=$DIR/log/jobcomp.txt
-AccountingStorageTRES=gres/gpu
 GresTypes=gpu
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=64 RealMemory=512000 Gres=gpu:h100:2 State=UNKNOWN
 PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
@@ -103,7 +99,7 @@ slurmd -N "$NODE"
 
 # Ready when the node has registered and is idle.
 for _ in $(seq 100); do
-    state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1)
+    state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null || true)
     [[ $state == idle ]] && { echo "local Slurm up ($DIR): $(sinfo -h -o '%P %T %G' | tr '\n' ' ')"; exit 0; }
     sleep 0.1
 done

@@ -8,19 +8,27 @@ CONF=/etc/slurm/slurm.conf
 
 ours() { [[ "$(readlink "$CONF")" == "$DIR/etc/slurm.conf" ]]; }
 
-if ours && [[ -s $DIR/run/slurmctld.pid ]]; then
-    scancel --quiet --full "$(squeue -h -o %i | tr '\n' ' ')" 2>/dev/null || true
+if ours; then
+    jobs=$(squeue -h -o %i 2>/dev/null)
+    [[ -n $jobs ]] && scancel $jobs
 fi
 
+# Each daemon takes ~2 s to exit on SIGTERM: signal all of them, then wait for all.
+# A stale pid file may name a recycled pid, so the process name must match too.
+pids=()
 for name in slurmd slurmctld munged; do
-    pidfile=$DIR/run/$name.pid
-    [[ -s $pidfile ]] || continue
-    pid=$(cat "$pidfile")
-    kill "$pid" 2>/dev/null || continue
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-    echo "stopped $name ($pid)"
+    pid=$(cat "$DIR/run/$name.pid" 2>/dev/null) || continue
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]] || continue
+    kill "$pid" && pids+=("$pid") && echo "stopping $name ($pid)"
 done
+for _ in $(seq 100); do
+    live=()
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && live+=("$pid"); done
+    pids=("${live[@]}")
+    (( ${#pids[@]} )) || break
+    sleep 0.05
+done
+for pid in "${pids[@]}"; do kill -KILL "$pid" && echo "killed $pid: still running 5 s after SIGTERM"; done
 
 if ours; then rm -f "$CONF" /etc/slurm/gres.conf; fi
 rm -rf "$DIR/run" "$DIR/spool" "$DIR/munge"

@@ -3,6 +3,8 @@ except SFT, which is token NLL. Shapes: B rows, T target positions (completion t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -58,14 +60,14 @@ def mix_advantages(opd_BT: torch.Tensor, rlvr_B: torch.Tensor, alpha: float) -> 
 def select_tokens(
     scores_BT: torch.Tensor, mask_BT: torch.Tensor, keep: float, how: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Keep round(keep * n) of the n valid (mask = 1) tokens of the batch, by top score or at random.
+    """Keep floor(keep * n + 1/2) of the n valid (mask = 1) tokens of the batch, by top score or at random.
 
     ``how="top"`` keeps the largest scores (top-KL sparsification when scores are the per-token
     reverse KL); ``how="random"`` keeps a uniformly random subset of the same size. Ties in the
     top selection are broken by position (stable sort), so the mask is deterministic.
     """
     valid = mask_BT.flatten().nonzero().squeeze(1)
-    n_keep = int(round(keep * valid.numel()))
+    n_keep = math.floor(keep * valid.numel() + 0.5)
     if how == "top":
         order = torch.sort(scores_BT.flatten()[valid], descending=True, stable=True).indices
     elif how == "random":

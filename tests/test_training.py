@@ -1,0 +1,170 @@
+"""The training loop for real on a tiny model: resume after SIGKILL, non-finite stops, projection,
+behaviour policies and every method's step."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opdgeom.models import build_model, load_model, save_model
+from opdgeom.tasks import MathTask, split, write_jsonl
+from opdgeom.tokenizer import build_char_tokenizer
+from opdgeom.train.loop import NonFiniteError, read_manifest
+from opdgeom.train.projection import SubspaceProjection
+from opdgeom.train.run import train_run
+
+TINY = {
+    "source": "build", "architecture": "qwen3", "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 32,
+}  # fmt: skip
+SETTINGS = {
+    "steps": 6, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 1, "grad_clip": 1.0,
+    "checkpoint_every": 3, "max_new_tokens": 8, "temperature": 1.0, "group_size": 2,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    tok = build_char_tokenizer()
+    save_model(build_model(TINY, tok, seed=0), tok, root / "init")
+    save_model(build_model(TINY, tok, seed=1), tok, root / "teacher")
+    train, _ = split(MathTask(), 64, 8, seed=0)
+    write_jsonl(root / "train.jsonl", train)
+    return {"init": root / "init", "teacher": root / "teacher", "data": root / "train.jsonl"}
+
+
+def run_spec(method="opd", **options) -> dict:
+    settings = {**SETTINGS, **options.pop("train", {})}
+    return {"name": "t", "method": method, "domain": "math", "train": settings, **options}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        run_spec("sft"),
+        run_spec("opd"),
+        run_spec("rlvr"),
+        run_spec("mix", alpha=0.25),
+        run_spec("opd", token_mask={"select": "top", "keep": 0.25}),
+        run_spec("opd", behaviour={"policy": "anchor"}, train={"rho_clip": 10}),
+        run_spec("opd", behaviour={"policy": "lagged", "lag": 2}),
+    ],
+    ids=["sft", "opd", "rlvr", "mix", "topkl", "offanchor", "offlag"],
+)
+def test_every_method_trains_and_writes_bf16_checkpoints(tiny, tmp_path, spec):
+    manifest = train_run(spec, tiny["init"], tiny["data"], tmp_path / "run", seed=0, teacher=tiny["teacher"])
+    checkpoints = read_manifest(manifest)
+    assert [c["step"] for c in checkpoints] == [0, 3, 6]
+    assert Path(checkpoints[0]["path"]).resolve() == tiny["init"].resolve()
+    w0 = load_file(Path(checkpoints[0]["path"]) / "model.safetensors")
+    w1 = load_file(Path(checkpoints[-1]["path"]) / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in w1.values())
+    name = "model.layers.0.mlp.down_proj.weight"
+    if spec["method"] == "rlvr":
+        # An untrained model never earns a reward: every GRPO advantage is 0, so AdamW leaves the
+        # weights exactly where they were (a silent update here would be a bug).
+        assert torch.equal(w0[name], w1[name])
+    else:
+        assert not torch.equal(w0[name], w1[name]), "weights did not move"
+
+
+def _train_cmd(tiny, spec, out) -> list[str]:
+    return [
+        sys.executable, "-m", "opdgeom", "train", "--spec", json.dumps(spec), "--init", str(tiny["init"]),
+        "--teacher", str(tiny["teacher"]), "--train-data", str(tiny["data"]), "--out", str(out), "--seed", "3",
+    ]  # fmt: skip
+
+
+def test_resume_after_sigkill_gives_bitwise_identical_weights(tiny, tmp_path):
+    # Lagged behaviour + random token masks: the resumed run must restore model, optimizer, schedule,
+    # the stale behaviour copy, and replay the same data and random draws.
+    spec = run_spec(
+        "opd", behaviour={"policy": "lagged", "lag": 4}, token_mask={"select": "random", "keep": 0.5},
+        train={"steps": 40, "checkpoint_every": 5},
+    )  # fmt: skip
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(tiny, spec, straight), check=True, capture_output=True)
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(_train_cmd(tiny, spec, resumed), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (resumed / "step_000010").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (resumed / "manifest.json").exists()
+    log = subprocess.run(_train_cmd(tiny, spec, resumed), check=True, capture_output=True, text=True).stderr
+    assert "resuming from step" in log
+
+    a = torch.load(straight / "trainer_state.pt", weights_only=False)
+    b = torch.load(resumed / "trainer_state.pt", weights_only=False)
+    assert a["step"] == b["step"] == 40
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"fp32 weights differ: {name}"
+    final_a = load_file(straight / "step_000040" / "model.safetensors")
+    final_b = load_file(resumed / "step_000040" / "model.safetensors")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_non_finite_loss_stops_without_a_checkpoint(tiny, tmp_path):
+    spec = run_spec("sft", train={"lr": float("inf")})
+    with pytest.raises(NonFiniteError):
+        train_run(spec, tiny["init"], tiny["data"], tmp_path / "run", seed=0)
+    assert not list((tmp_path / "run").glob("step_*"))
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def _reference(tiny, tmp_path) -> tuple[Path, Path]:
+    ref = train_run(run_spec("sft"), tiny["init"], tiny["data"], tmp_path / "ref", seed=0)
+    return tiny["init"], Path(read_manifest(ref)[1]["path"])
+
+
+def test_update_projection_keeps_cumulative_update_in_subspace(tiny, tmp_path):
+    spec = run_spec("opd", projection={"mode": "update", "rank": 4, "reference": "ref", "at_fraction": 0.5})
+    manifest = train_run(
+        spec, tiny["init"], tiny["data"], tmp_path / "run", seed=0, teacher=tiny["teacher"],
+        projection_reference=_reference(tiny, tmp_path),
+    )  # fmt: skip
+    energy = json.loads(manifest.read_text())["projection"]["energy_outside"]
+    assert energy["total"] < 1e-10, energy
+
+
+def test_gradient_projection_leaks_through_adam_and_is_measured(tiny, tmp_path):
+    spec = run_spec("opd", projection={"mode": "gradient", "rank": 4, "reference": "ref", "at_fraction": 0.5})
+    manifest = train_run(
+        spec, tiny["init"], tiny["data"], tmp_path / "run", seed=0, teacher=tiny["teacher"],
+        projection_reference=_reference(tiny, tmp_path),
+    )  # fmt: skip
+    energy = json.loads(manifest.read_text())["projection"]["energy_outside"]
+    assert 0.0 < energy["total"] < 1.0
+
+
+def test_projection_by_hand_on_a_matrix():
+    model = torch.nn.Linear(6, 3, bias=False)
+    v_nk = torch.linalg.qr(torch.randn(6, 2)).Q
+    proj = SubspaceProjection(model, {"weight": v_nk}, mode="update")
+    with torch.no_grad():
+        model.weight.add_(torch.randn(3, 6))
+    proj.after_update(model)
+    dw = (model.weight - proj.w0["weight"]).double()
+    assert torch.allclose(dw, dw @ (v_nk @ v_nk.T).double(), atol=1e-6)
+    assert proj.energy_outside()["total"] < 1e-10
+
+    proj_g = SubspaceProjection(model, {"weight": v_nk}, mode="gradient")
+    model.weight.grad = torch.randn(3, 6)
+    expected = model.weight.grad @ v_nk @ v_nk.T
+    proj_g.after_backward(model)
+    assert torch.allclose(model.weight.grad, expected, atol=1e-6)
+
+
+def test_load_model_keeps_fp32_master_weights(tiny):
+    model = load_model(tiny["init"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
