@@ -24,7 +24,7 @@ def test_dry_run_plans_the_whole_study(family, tmp_path):
     proc = snakemake("-n", "--config", f"family={family}", f"results_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr
-    for rule in ("model", "train", "evaluate", "sparsity", "table1", "accuracy"):
+    for rule in ("model", "train", "evaluate", "compare", "trajectory", "table1", "accuracy"):
         assert f"rule {rule}:" in out or f"localrule {rule}:" in out, f"{family}: no {rule} job planned"
     assert f"{tmp_path}/{family}/figures/table1.md" in out
 
@@ -87,7 +87,7 @@ def test_smoke_rerun_has_nothing_to_do_and_one_figure_rebuilds_alone(smoke):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "rule table1:" in out
-    for rule in ("train", "model", "evaluate", "sparsity"):
+    for rule in ("train", "model", "evaluate", "compare", "trajectory"):
         assert f"rule {rule}:" not in out, f"rebuilding table1 reran {rule}"
     assert (smoke / "figures" / "table1.md").exists()
 

@@ -82,28 +82,66 @@ def _evaluate(args) -> None:
     write_parquet(table, args.out)
 
 
-def _compare(args) -> None:
-    from opdgeom.geometry.compare import sparsity_table
-
-    table = sparsity_table(args.base, args.tuned, eta=args.eta)
-    summary = table.filter(table["tensor"].str.contains(":")).select("tensor", "parameters", "value")
-    print(summary, file=sys.stderr)
-    if args.out:
-        write_parquet(table, args.out)
-
-
-def _sparsity(args) -> None:
-    """Sparsity of a run's final checkpoint against its step-0 (init) weights."""
+def _label(table, args):
+    """Tag a comparison with the run (and step) it describes, for tables that stack many runs."""
     import polars as pl
 
-    from opdgeom.geometry.compare import sparsity_table
+    if args.run is not None:
+        table = table.with_columns(run=pl.lit(args.run), step=pl.lit(args.step, dtype=pl.Int64))
+    return table
+
+
+def _compare(args) -> None:
+    from opdgeom.geometry.compare import compare_checkpoints, sparsity_table
+
+    if args.sparsity_only:
+        table = sparsity_table(args.base, args.tuned, eta=args.eta)
+    else:
+        table = compare_checkpoints(
+            args.base, args.tuned, k=args.k, alpha=args.alpha, eta=args.eta, cache=args.cache, device=args.device
+        )
+    _print_summary(table)
+    if args.out:
+        write_parquet(_label(table, args), args.out)
+
+
+def _print_summary(table) -> None:
+    """Per module type: parameter-weighted mean of every metric over the matrices of that type."""
+    import polars as pl
+
+    per_tensor = table.filter(~pl.col("tensor").str.contains(":"))
+    summary = (
+        per_tensor.group_by("module", "metric")
+        .agg(value=(pl.col("value") * pl.col("parameters")).sum() / pl.col("parameters").sum())
+        .sort("module")
+        .pivot(on="module", index="metric", values="value")
+        .sort("metric")
+    )
+    with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=200, float_precision=5):
+        print(summary, file=sys.stderr)
+
+
+def _trajectory(args) -> None:
+    import polars as pl
+
+    from opdgeom.geometry.trajectory import trajectory_table
     from opdgeom.train.loop import read_manifest
 
-    checkpoints = read_manifest(args.manifest)
-    first, last = checkpoints[0], checkpoints[-1]
-    table = sparsity_table(first["path"], last["path"], eta=args.eta)
-    table = table.with_columns(run=pl.lit(args.run), step=pl.lit(last["step"], dtype=pl.Int64))
-    write_parquet(table, args.out)
+    manifest = args.run_dir / "manifest.json"
+    checkpoints = read_manifest(manifest)
+    run = json.loads(manifest.read_text())["run"]["name"]
+    table = trajectory_table({c["step"]: c["path"] for c in checkpoints}, K=args.k, cache=args.cache, device=args.device)
+    write_parquet(table.with_columns(run=pl.lit(run)), args.out)
+
+
+def _cache(args) -> None:
+    from opdgeom.geometry import cache
+
+    if args.action == "info":
+        print(json.dumps(cache.info(args.root), indent=2, default=str))
+    else:
+        removed = cache.gc(args.root, max_age_days=args.max_age_days, max_bytes=args.max_bytes)
+        print(f"removed {removed} entries", file=sys.stderr)
 
 
 def _figure(args) -> None:
@@ -173,16 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="diagnose two HF checkpoints of the same architecture")
     p.add_argument("base", type=Path)
     p.add_argument("tuned", type=Path)
-    p.add_argument("--eta", type=float, default=1e-3)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=Path, help="long-format parquet (tensor, layer, module, metric, value)")
+    p.add_argument("--k", type=int, default=16, help="subspace rank for principal angles and masks")
+    p.add_argument("--alpha", type=float, default=0.05, help="mask fraction (random overlap baseline)")
+    p.add_argument("--eta", type=float, default=1e-3, help="bf16-aware sparsity tolerance")
+    p.add_argument("--cache", type=Path, help="statistics cache (default $OPDGEOM_CACHE)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--sparsity-only", action="store_true", help="only bf16-aware sparsity (no spectra)")
+    p.add_argument("--run", help="label rows with this run name (workflow tables)")
+    p.add_argument("--step", type=int, default=None, help="label rows with this step")
     p.set_defaults(func=_compare)
 
-    p = sub.add_parser("sparsity", help="bf16-aware update sparsity of a run (final vs init)")
-    p.add_argument("--manifest", type=Path, required=True)
-    p.add_argument("--run", required=True)
-    p.add_argument("--eta", type=float, default=1e-3)
+    p = sub.add_parser("trajectory", help="cumulative-update metrics of every checkpoint of a run")
+    p.add_argument("run_dir", type=Path, help="a run folder with manifest.json")
     p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=_sparsity)
+    p.add_argument("--k", type=int, default=16, help="K of the subspace similarity")
+    p.add_argument("--cache", type=Path)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=_trajectory)
+
+    p = sub.add_parser("cache", help="inspect or garbage-collect the statistics cache")
+    p.add_argument("action", choices=["info", "gc"])
+    p.add_argument("--root", type=Path, help="cache folder (default $OPDGEOM_CACHE)")
+    p.add_argument("--max-age-days", type=float)
+    p.add_argument("--max-bytes", type=int)
+    p.set_defaults(func=_cache)
 
     p = sub.add_parser("figure", help="draw one figure or table from long-format tables")
     p.add_argument("name")

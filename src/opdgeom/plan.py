@@ -49,6 +49,7 @@ class Study:
         if self.data["domain"] not in known_domains():
             raise ConfigError(f"config: data.domain: unknown domain {self.data['domain']!r}; known: {', '.join(known_domains())}")
         self.evaluate = deep_merge(config["evaluate"], family.get("evaluate", {}))
+        self.diagnose = config["diagnose"]
         self.train_defaults = deep_merge(config["train"], family.get("train", {}))
         self.results = Path(config["results_dir"]) / self.name
         self.cache_dir = Path(config["cache_dir"])
@@ -197,8 +198,11 @@ class Study:
     def eval_table(self, ref: str) -> Path:
         return self.results / "eval" / f"{ref}.parquet"
 
-    def sparsity_table(self, run: str) -> Path:
-        return self.results / "diagnose" / "sparsity" / f"{run}.parquet"
+    def compare_table(self, run: str) -> Path:
+        return self.results / "diagnose" / "compare" / f"{run}.parquet"
+
+    def trajectory_table(self, run: str) -> Path:
+        return self.results / "diagnose" / "trajectory" / f"{run}.parquet"
 
     def figure(self, name: str, ext: str) -> Path:
         return self.results / "figures" / f"{name}.{ext}"

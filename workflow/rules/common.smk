@@ -16,6 +16,8 @@ STUDY = Study.from_config(
 shell.prefix(f"export PYTHONPATH={shlex.quote(str(Path(workflow.basedir) / 'src'))}; ")
 RES = str(STUDY.results)
 LOGS = f"{RES}/logs"
+CACHE = str(STUDY.cache_dir)
+DIAGNOSE = STUDY.diagnose
 RUNS = list(STUDY.runs)
 
 
@@ -99,4 +101,5 @@ def figure_outputs(name):
 def all_targets():
     targets = [f for name in FIGURE_FILES for f in figure_outputs(name)]
     targets += [str(STUDY.eval_table(ref)) for ref in STUDY.eval_refs]
+    targets += [str(STUDY.trajectory_table(run)) for run in STUDY.study_runs]
     return targets

@@ -1,7 +1,7 @@
 # Each figure is a named target: `snakemake table1` rebuilds that figure and only what it needs.
 rule table1:
     input:
-        [str(STUDY.sparsity_table(run)) for run in STUDY.study_runs],
+        [str(STUDY.compare_table(run)) for run in STUDY.study_runs],
     output:
         figure_outputs("table1"),
     params:

@@ -1,0 +1,126 @@
+"""Heatmaps (beyond the paper): where in the network each run writes, layer x module type."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from matplotlib.colors import LogNorm, Normalize
+
+from opdgeom.figures.style import new_grid, run_styles, save
+from opdgeom.figures.tables import (
+    GEOMETRY_COLUMNS,
+    check_methods,
+    layer_matrices,
+    metric_rows,
+    module_order,
+    read_tables,
+    require_runs,
+    run_order,
+    select_runs,
+    write_csv,
+)
+
+NAME = "heatmap"
+SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+         "down_proj": "down"}
+# metric shown -> (source metric, transform, colour-bar label, log colour scale, colour map)
+PANELS = {
+    "update_density": ("bf16_sparsity", lambda v: 1 - v, "update density (1 − bf16 sparsity)", False, "viridis"),
+    "spectral_shift": ("spectral_shift", lambda v: v, "NSS (normalized spectral shift, log)", True, "magma"),
+}
+
+
+def heatmap_figure(
+    inputs: list[Path],
+    out_prefix: Path,
+    methods: dict[str, str],
+    runs: list[str] | None = None,
+    metrics: list[str] | None = None,
+    columns: int = 6,
+    dpi: int = 200,
+) -> pl.DataFrame:
+    """For each metric ("update_density", "spectral_shift" by default) a block of panels, one per run
+    (``columns`` per row), each a layer (y, 0 at the bottom) x module type (x) heatmap. All runs of a
+    metric share one colour scale (linear 0-1 for density, logarithmic for NSS) and one colour bar.
+    A cell holding several tensors shows their parameter-weighted mean.
+    CSV: run, method, metric, layer, module, value.
+    """
+    methods = check_methods(NAME, methods)
+    runs = select_runs(NAME, methods, runs)
+    metrics = list(metrics or PANELS)
+    unknown = [m for m in metrics if m not in PANELS]
+    if unknown:
+        raise ValueError(f"{NAME}: unknown metric(s) {unknown} in option 'metrics'; choose from {list(PANELS)}")
+    table = read_tables(NAME, inputs, GEOMETRY_COLUMNS)
+    require_runs(NAME, table, runs)
+    parts = []
+    for shown in metrics:
+        source, transform, *_ = PANELS[shown]
+        rows = layer_matrices(metric_rows(NAME, table, source, runs))
+        if rows.is_empty():
+            raise ValueError(f"{NAME}: metric {source!r} has no per-layer matrix rows in the input tables")
+        cells = (
+            rows.with_columns(value=transform(pl.col("value")).fill_nan(None))
+            .group_by("run", "layer", "module")
+            .agg(value=(pl.col("value") * pl.col("parameters")).sum() / pl.col("parameters").filter(
+                pl.col("value").is_not_null()).sum())
+        )
+        parts.append(cells.with_columns(metric=pl.lit(shown)))
+    data = pl.concat(parts, how="vertical_relaxed")
+    modules = module_order(data["module"].unique().to_list())
+    data = (
+        data.with_columns(method=pl.col("run").replace_strict(methods))
+        .sort(pl.col("metric").replace_strict({m: i for i, m in enumerate(metrics)}), run_order(runs), "layer",
+              pl.col("module").replace_strict({m: i for i, m in enumerate(modules)}))
+        .select("run", "method", "metric", "layer", "module", "value")
+    )
+    write_csv(data, out_prefix)
+
+    layers = sorted(data["layer"].unique().to_list())
+    ncols = max(1, min(columns, len(runs)))
+    rows_per_metric = math.ceil(len(runs) / ncols)
+    panel_h = 0.5 + 0.045 * len(layers)
+    fig, axes = new_grid(rows_per_metric * len(metrics), ncols, height_in=0.5 + panel_h * rows_per_metric * len(metrics))
+    styles = run_styles(methods)
+    labels = [SHORT.get(m, m) for m in modules]
+    for b, shown in enumerate(metrics):
+        _, _, bar_label, log, cmap = PANELS[shown]
+        block = data.filter(pl.col("metric") == shown)
+        values = block["value"].drop_nulls().to_numpy()
+        if log:
+            positive = values[values > 0]
+            lo, hi = (positive.min(), positive.max()) if positive.size else (1e-8, 1.0)
+            norm = LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 10)
+        else:
+            norm = Normalize(vmin=0.0, vmax=1.0)
+        block_axes = axes[b * rows_per_metric:(b + 1) * rows_per_metric]
+        image = None
+        for i, ax in enumerate(block_axes.flat):
+            if i >= len(runs):
+                ax.set_axis_off()
+                continue
+            run = runs[i]
+            grid = np.full((len(layers), len(modules)), np.nan)
+            for row in block.filter(pl.col("run") == run).iter_rows(named=True):
+                if row["value"] is not None:
+                    grid[layers.index(row["layer"]), modules.index(row["module"])] = row["value"]
+            if log:
+                grid = np.where(grid > 0, grid, np.nan)
+            image = ax.imshow(grid, aspect="auto", origin="lower", cmap=cmap, norm=norm, interpolation="nearest",
+                              extent=(-0.5, len(modules) - 0.5, layers[0] - 0.5, layers[-1] + 0.5))
+            ax.set_title(run, color=styles[run].color, fontsize=7)
+            ax.set_xticks(range(len(modules)), labels, rotation=90, fontsize=6)
+            ax.tick_params(axis="y", labelsize=6)
+            if i % ncols == 0:
+                ax.set_ylabel("layer")
+            else:
+                ax.set_yticklabels([])
+        if image is not None:
+            fig.colorbar(image, ax=block_axes.ravel().tolist(), label=bar_label, shrink=0.9, pad=0.01)
+    fig.suptitle("Where each run writes: per-layer, per-module update density and spectral shift "
+                 "(final vs. initial weights)", fontsize=8)
+    save(fig, out_prefix, dpi=dpi)
+    return data

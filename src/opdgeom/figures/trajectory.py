@@ -1,0 +1,141 @@
+"""Trajectories of the cumulative update dW_t = W_t - W_0 over training, one line per run.
+
+Figures 4a-c, 5 and 7a-c are one function configured by an entry of TRAJECTORY_FIGURES
+(metric, how matrices are summarised, axis labels); a new panel is a new entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from opdgeom.figures.style import legend_below, new_figure, run_styles, save
+from opdgeom.figures.tables import (
+    GEOMETRY_COLUMNS,
+    check_methods,
+    layer_matrices,
+    metric_rows,
+    read_tables,
+    require_runs,
+    run_order,
+    select_runs,
+    summarise,
+    write_csv,
+)
+
+
+@dataclass(frozen=True)
+class TrajectoryPanel:
+    metric: str
+    summary: str  # see opdgeom.figures.tables.summarise
+    ylabel: str
+    title: str
+    log_y: bool = False
+    ylim: tuple[float, float] | None = None
+
+
+SUMMARY_TEXT = {
+    "median": "median over matrices",
+    "mean": "mean over matrices",
+    "max": "max over matrices",
+    "root_sum_square": "all matrices together",
+}
+
+TRAJECTORY_FIGURES = {
+    "fig4a": TrajectoryPanel(
+        "stable_rank", "median", r"stable rank $\|\Delta W\|_F^2/\|\Delta W\|_2^2$", "Stable rank of the cumulative update"
+    ),
+    "fig4b": TrajectoryPanel(
+        "frobenius_norm",
+        "root_sum_square",
+        r"$\|\Delta W\|_F$, all matrices  $(\sum \|\Delta W_i\|_F^2)^{1/2}$",
+        "Size of the cumulative update",
+        log_y=True,
+    ),
+    "fig4c": TrajectoryPanel(
+        "tail_index", "median", r"tail index $\alpha$ of $\sigma(\Delta W)^2$ (power-law MLE)", "Heavy-tailedness of the cumulative update"
+    ),
+    "fig5": TrajectoryPanel(
+        "subspace_similarity_to_final",
+        "median",
+        r"$\mathrm{Sim}_{16}(t, T)=\frac{1}{16}\|V_{16}(t)^\top V_{16}(T)\|_F^2$",
+        "Top-16 right subspace of the update vs. the final one",
+        ylim=(-0.02, 1.02),
+    ),
+    "fig7a": TrajectoryPanel(
+        "stable_rank", "median", r"stable rank $\|\Delta W\|_F^2/\|\Delta W\|_2^2$", "Token sparsification: stable rank"
+    ),
+    "fig7b": TrajectoryPanel(
+        "stable_rank", "median", r"stable rank $\|\Delta W\|_F^2/\|\Delta W\|_2^2$", "Off-policy rollouts: stable rank"
+    ),
+    "fig7c": TrajectoryPanel(
+        "stable_rank", "median", r"stable rank $\|\Delta W\|_F^2/\|\Delta W\|_2^2$", "Objective mixing: stable rank"
+    ),
+}
+
+
+def trajectory_figure(
+    inputs: list[Path],
+    out_prefix: Path,
+    panel: TrajectoryPanel,
+    name: str,
+    methods: dict[str, str],
+    runs: list[str] | None = None,
+    log_y: bool | None = None,
+    dpi: int = 200,
+) -> pl.DataFrame:
+    """x = training step, y = ``panel.metric`` summarised over layer matrices, one line per run."""
+    methods = check_methods(name, methods)
+    runs = select_runs(name, methods, runs)
+    table = read_tables(name, inputs, (*GEOMETRY_COLUMNS, "step"))
+    require_runs(name, table, runs)
+    rows = layer_matrices(metric_rows(name, table, panel.metric, runs))
+    if rows.is_empty():
+        raise ValueError(f"{name}: metric {panel.metric!r} has no per-layer matrix rows in the input tables")
+    data = (
+        summarise(rows, ["run", "step"], panel.summary)
+        .with_columns(
+            method=pl.col("run").replace_strict(methods),
+            metric=pl.lit(panel.metric),
+            summary=pl.lit(panel.summary),
+        )
+        .sort(run_order(runs), "step")
+        .select("run", "method", "step", "metric", "summary", "value", "q25", "q75", "n_matrices", "n_nan")
+    )
+    write_csv(data, out_prefix)
+
+    styles = run_styles(methods)
+    fig, ax = new_figure(height_in=2.4 + 0.12 * ((len(runs) + 1) // 2))
+    for run in runs:
+        line = data.filter(pl.col("run") == run)
+        ax.plot(line["step"], line["value"], label=run, **styles[run].line())
+    if (panel.log_y if log_y is None else log_y) and not data.filter(pl.col("value") > 0).is_empty():
+        ax.set_yscale("log")
+    if panel.ylim:
+        ax.set_ylim(*panel.ylim)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(panel.ylabel)
+    ax.set_title(f"{panel.title}\n($\\Delta W_t = W_t - W_0$; {SUMMARY_TEXT[panel.summary]})")
+    ax.grid(True, lw=0.3, alpha=0.5)
+    handles, labels = ax.get_legend_handles_labels()
+    legend_below(fig, handles, labels)
+    save(fig, out_prefix, dpi=dpi)
+    return data
+
+
+def make_trajectory_figure(name: str):
+    """The registered figure function of one TRAJECTORY_FIGURES entry."""
+    panel = TRAJECTORY_FIGURES[name]
+
+    def figure(inputs: list[Path], out_prefix: Path, **options) -> pl.DataFrame:
+        return trajectory_figure(inputs, out_prefix, panel, name, **options)
+
+    figure.__name__ = f"{name}_figure"
+    figure.__doc__ = (
+        f"{name}: {panel.title} ({panel.metric}, {SUMMARY_TEXT[panel.summary]}) over training steps.\n\n"
+        "Options: methods (run -> method), runs (default: all of methods), log_y, dpi.\n"
+        "CSV: run, method, step, metric, summary, value, q25, q75, n_matrices, n_nan."
+    )
+    return figure
