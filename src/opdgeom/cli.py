@@ -106,10 +106,11 @@ def _compare(args) -> None:
 
 
 def _print_summary(table) -> None:
-    """Per module type: parameter-weighted mean of every metric over the matrices of that type."""
+    """Per module type: parameter-weighted mean of every metric over the layer matrices of that type
+    (embeddings, lm_head and 1-D tensors are in the table, not in this summary)."""
     import polars as pl
 
-    per_tensor = table.filter(~pl.col("tensor").str.contains(":"))
+    per_tensor = table.filter(~pl.col("tensor").str.contains(":"), pl.col("kind") == "matrix")
     summary = (
         per_tensor.group_by("module", "metric")
         .agg(value=(pl.col("value") * pl.col("parameters")).sum() / pl.col("parameters").sum())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import polars as pl
 from matplotlib.colors import LogNorm, Normalize
@@ -26,11 +27,12 @@ from opdgeom.figures.tables import (
 NAME = "heatmap"
 SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
          "down_proj": "down"}
-# metric shown -> (source metric, transform, colour-bar label, log colour scale, colour map)
+# metric shown -> (source metric, transform, colour-bar label, colour map)
 PANELS = {
-    "update_density": ("bf16_sparsity", lambda v: 1 - v, "update density (1 − bf16 sparsity)", False, "viridis"),
-    "spectral_shift": ("spectral_shift", lambda v: v, "NSS (normalized spectral shift, log)", True, "magma"),
+    "update_density": ("bf16_sparsity", lambda v: 1 - v, "update density\n(1 − bf16 sparsity)", "viridis"),
+    "spectral_shift": ("spectral_shift", lambda v: v, "normalized\nspectral shift", "magma"),
 }
+NO_VALUE = "0.85"  # cells with no tensor, or a zero on a log scale
 
 
 def heatmap_figure(
@@ -40,11 +42,13 @@ def heatmap_figure(
     runs: list[str] | None = None,
     metrics: list[str] | None = None,
     columns: int = 6,
+    log_density: bool = True,
     dpi: int = 200,
 ) -> pl.DataFrame:
     """For each metric ("update_density", "spectral_shift" by default) a block of panels, one per run
     (``columns`` per row), each a layer (y, 0 at the bottom) x module type (x) heatmap. All runs of a
-    metric share one colour scale (linear 0-1 for density, logarithmic for NSS) and one colour bar.
+    metric share one colour scale and one colour bar: logarithmic for NSS, and for density too unless
+    ``log_density`` is false (then linear 0-1); grey cells have no tensor or a zero on a log scale.
     A cell holding several tensors shows their parameter-weighted mean.
     CSV: run, method, metric, layer, module, value.
     """
@@ -87,12 +91,16 @@ def heatmap_figure(
     styles = run_styles(methods)
     labels = [SHORT.get(m, m) for m in modules]
     for b, shown in enumerate(metrics):
-        _, _, bar_label, log, cmap = PANELS[shown]
+        _, _, bar_label, cmap = PANELS[shown]
+        log = shown == "spectral_shift" or log_density
+        cmap = matplotlib.colormaps[cmap].with_extremes(bad=NO_VALUE)
         block = data.filter(pl.col("metric") == shown)
         values = block["value"].drop_nulls().to_numpy()
         if log:
             positive = values[values > 0]
             lo, hi = (positive.min(), positive.max()) if positive.size else (1e-8, 1.0)
+            if shown == "update_density":
+                hi = 1.0
             norm = LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 10)
         else:
             norm = Normalize(vmin=0.0, vmax=1.0)
@@ -119,7 +127,8 @@ def heatmap_figure(
             else:
                 ax.set_yticklabels([])
         if image is not None:
-            fig.colorbar(image, ax=block_axes.ravel().tolist(), label=bar_label, shrink=0.9, pad=0.01)
+            label = f"{bar_label}{' (log)' if log else ''}"
+            fig.colorbar(image, ax=block_axes.ravel().tolist(), label=label, shrink=0.9, pad=0.01)
     fig.suptitle("Where each run writes: per-layer, per-module update density and spectral shift "
                  "(final vs. initial weights)", fontsize=8)
     save(fig, out_prefix, dpi=dpi)

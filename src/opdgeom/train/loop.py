@@ -115,11 +115,14 @@ def train(
         if done % max(1, steps // 20) == 0 or done == steps or done == start + 1:
             elapsed = time.perf_counter() - t_start
             eta = elapsed / (done - start) * (steps - done)
-            rate = stats["trained_tokens"] / t_step
             extras = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k not in ("trained_tokens",))
+            # Rollout throughput counts generated tokens over the batch phase (sampling + scoring);
+            # update throughput counts trained tokens over the forward/backward/optimizer phase.
+            rollout = f"rollout_tok/s={stats['rollout_tokens'] / t_batch:.0f} " if "rollout_tokens" in stats else ""
             _log(
-                f"step {done}/{steps} {extras} grad_norm={grad_norm.item():.3g} "
-                f"update_tok/s={rate:.0f} batch_s={t_batch:.2f} step_s={t_step:.2f} eta={eta:.0f}s"
+                f"step {done}/{steps} {extras} grad_norm={grad_norm.item():.3g} {rollout}"
+                f"update_tok/s={stats['trained_tokens'] / (t_step - t_batch):.0f} "
+                f"batch_s={t_batch:.2f} step_s={t_step:.2f} eta={eta:.0f}s"
             )
 
         if done in checkpoint_steps:
