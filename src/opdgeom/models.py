@@ -79,12 +79,14 @@ def atomic_dir(out_dir: str | Path):
             shutil.rmtree(tmp)
 
 
-def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, state_dict=None) -> Path:
     """Write an HF folder (safetensors in ``dtype``, config, tokenizer) atomically.
 
-    Casting a copy of the state dict keeps the caller's fp32 master weights untouched.
+    Casting a copy of the state dict keeps the caller's fp32 master weights untouched;
+    ``state_dict`` supplies the weights when the model itself is sharded (FSDP gathers them).
     """
-    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().to("cpu", dtype) for k, v in source.items()}
     with atomic_dir(out_dir) as tmp:
         model.config.dtype = dtype
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)

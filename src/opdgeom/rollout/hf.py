@@ -9,10 +9,12 @@ from opdgeom.train.batches import left_pad
 
 
 class HFEngine(SamplingEngine):
-    def __init__(self, model, tokenizer, batch_size: int = 256):
+    def __init__(self, model, tokenizer, batch_size: int = 256, synced: bool = False):
+        """``synced``: keep generating until every rank is done (FSDP needs matching forward calls)."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.synced = synced
 
     @torch.no_grad()
     def sample(self, prompt_ids, max_new_tokens, temperature, seed) -> Rollouts:
@@ -35,6 +37,7 @@ class HFEngine(SamplingEngine):
                 top_p=1.0 if temperature > 0 else None,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=eos,
+                synced_gpus=self.synced,
             )
             for row in out_BS[:, ids_BT.shape[1] :].tolist():
                 completions.append(row[: row.index(eos) + 1] if eos in row else row)

@@ -17,6 +17,15 @@ from pathlib import Path
 import torch
 
 from opdgeom.models import save_model
+from opdgeom.train.distributed import (
+    SINGLE,
+    World,
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    load_full_state,
+)
 
 STATE_FILE = "trainer_state.pt"
 
@@ -44,7 +53,8 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # one log per run, not one per rank
+        print(msg, file=sys.stderr, flush=True)
 
 
 def train(
@@ -56,6 +66,7 @@ def train(
     checkpoint_steps: list[int],
     fingerprint: str,
     projection=None,
+    world: World = SINGLE,
 ) -> list[dict]:
     """Train ``model`` in place for ``settings['steps']`` steps; return the checkpoint records.
 
@@ -64,6 +75,8 @@ def train(
     (seed, step), so a resumed run replays exactly what the uninterrupted run would have done;
     state a method carries across steps (a lagged behaviour copy) is saved with the rest.
     ``projection`` (optional) constrains gradients after backward or weights after each update.
+    Under torchrun (``world.size`` > 1) the model arrives sharded; rank 0 writes checkpoints and
+    state gathered from every rank.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,9 +92,8 @@ def train(
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         if state["fingerprint"] == fingerprint:
-            model.load_state_dict(state["model"])
+            load_full_state(model, optimizer, state["model"], state["optimizer"], world)
             method.load_state_dict(state["method"])
-            optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start, tokens_seen, records, wall_before = state["step"], state["tokens"], state["records"], state["wall"]
             _log(f"resuming from step {start} ({state_path})")
@@ -101,7 +113,7 @@ def train(
         loss.backward()
         if projection is not None:
             projection.after_backward(model)  # project first, so clipping sees the applied gradient
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"]))
         if not torch.isfinite(grad_norm):
             raise NonFiniteError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping")
         optimizer.step()
@@ -126,33 +138,38 @@ def train(
             )
 
         if done in checkpoint_steps:
-            for name, param in model.named_parameters():
-                if not torch.isfinite(param).all():
+            model_state = full_model_state(model, world)  # collective: every rank takes part
+            optimizer_state = full_optimizer_state(model, optimizer, world)
+            for name, tensor in model_state.items():
+                if not torch.isfinite(tensor).all():
                     raise NonFiniteError(f"step {done}: parameter {name} has non-finite values; not saving")
-            ckpt = save_model(model, tokenizer, run_dir / f"step_{done:06d}")
+            ckpt_dir = run_dir / f"step_{done:06d}"
             records.append(
                 {
                     "step": done,
-                    "path": ckpt.name,
+                    "path": ckpt_dir.name,
                     "tokens": tokens_seen,
                     "loss": stats["loss"],
                     "wall_time": wall_before + time.perf_counter() - t_start,
                 }
             )
-            _atomic_torch_save(
-                {
-                    "fingerprint": fingerprint,
-                    "step": done,
-                    "tokens": tokens_seen,
-                    "records": records,
-                    "wall": wall_before + time.perf_counter() - t_start,
-                    "model": model.state_dict(),
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                },
-                state_path,
-            )
+            if world.is_main:
+                save_model(model, tokenizer, ckpt_dir, state_dict=model_state)
+                _atomic_torch_save(
+                    {
+                        "fingerprint": fingerprint,
+                        "step": done,
+                        "tokens": tokens_seen,
+                        "records": records,
+                        "wall": wall_before + time.perf_counter() - t_start,
+                        "model": model_state,
+                        "method": method.state_dict(),
+                        "optimizer": optimizer_state,
+                        "scheduler": scheduler.state_dict(),
+                    },
+                    state_path,
+                )
+            barrier(world)
     return records
 
 

