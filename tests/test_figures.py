@@ -36,7 +36,8 @@ TRAJECTORY_METRICS = ["frobenius_norm", "stable_rank", "tail_index", "subspace_s
 
 
 def _value(rng, metric: str) -> float:
-    if metric in ("bf16_sparsity", "mask_overlap_principal", "mask_overlap_low_magnitude", "subspace_similarity_to_final"):
+    if metric in ("bf16_sparsity", "mask_overlap_principal", "mask_overlap_low_magnitude",
+                  "subspace_similarity_to_final"):
         return float(rng.uniform(0.01, 0.99))
     if metric.startswith("principal_angle"):
         return float(rng.uniform(0.01, 30.0))
@@ -346,9 +347,16 @@ def test_table1(comparison, tmp_path):
 
 
 def test_runs_of_one_method_share_colour_but_not_line():
-    styles = run_styles(METHODS)
-    assert styles["opd"].color == styles["opd.topkl50"].color != styles["sft"].color
-    assert (styles["opd"].linestyle, styles["opd"].marker) != (styles["opd.topkl50"].linestyle, styles["opd.topkl50"].marker)
+    methods = {"sft": "sft", **{f"opd.v{i}": "opd" for i in range(12)}, "opd": "opd", "rlvr": "rlvr"}
+    styles = run_styles(methods)
+    look = {run: (s.linestyle, s.marker, s.filled) for run, s in styles.items()}
+    opd_runs = [r for r, m in methods.items() if m == "opd"]
+    assert len({look[r] for r in opd_runs}) == len(opd_runs)
+    assert {styles[r].color for r in opd_runs} == {styles["opd.v0"].color} != {styles["sft"].color}
+    # the plain run (first of its method) looks the same in every figure; variants differ within a figure
+    subset = run_styles(methods, ["opd.v3", "opd.v7", "opd.v0"])
+    assert subset["opd.v0"] == styles["opd.v0"] and subset["opd.v0"].linestyle == "-"
+    assert len({(s.linestyle, s.marker) for s in subset.values()}) == 3
 
 
 def _without_metric(paths, metric, tmp_path):
@@ -426,3 +434,21 @@ def test_every_figure_has_a_caption(repo):
     for name in FIGURES:
         caption = repo / "workflow" / "report" / f"{name}.rst"
         assert caption.exists() and caption.read_text().strip(), caption
+
+
+def test_captions_are_valid_rst(repo):
+    import io
+
+    core = pytest.importorskip("docutils.core")
+    for caption in sorted((repo / "workflow" / "report").glob("*.rst")):
+        warnings = io.StringIO()
+        core.publish_string(caption.read_text(), writer="null",
+                            settings_overrides={"warning_stream": warnings, "report_level": 1, "halt_level": 5})
+        assert not warnings.getvalue(), f"{caption}: {warnings.getvalue()}"
+
+
+def test_accuracy_figure_names_missing_run(evaluations, tmp_path):
+    paths, _, methods = evaluations
+    with pytest.raises(ValueError, match="ghost"):
+        FIGURES["accuracy"](paths, tmp_path / "acc", methods={**methods, "ghost": "opd"}, references={}, dpi=DPI)
+    assert not (tmp_path / "acc.csv").exists()

@@ -62,7 +62,7 @@ def drift_figure(
     )
     write_csv(data, out_prefix)
 
-    styles = run_styles(methods)
+    styles = run_styles(methods, runs)
     fig, axes = new_grid(1, 1, height_in=2.8)
     ax = axes[0][0]
     width = 0.8
@@ -77,7 +77,7 @@ def drift_figure(
             high = np.maximum(rows_run["q75"].to_numpy() - y, 0)
             ax.errorbar(x, y, yerr=[low, high], fmt="none", ecolor=style.color, elinewidth=0.6, capsize=0)
         ax.plot(x, y, ls="none", marker=style.marker, ms=3.5, color=style.color, label=run,
-                mfc=style.color if style.linestyle == "-" else "white")
+                mfc=style.marker_face())
     for i in range(1, len(groups)):
         ax.axvline(i - 0.5, color="0.85", lw=0.5)
     ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")

@@ -87,8 +87,9 @@ def heatmap_figure(
     ncols = max(1, min(columns, len(runs)))
     rows_per_metric = math.ceil(len(runs) / ncols)
     panel_h = 0.5 + 0.045 * len(layers)
-    fig, axes = new_grid(rows_per_metric * len(metrics), ncols, height_in=0.5 + panel_h * rows_per_metric * len(metrics))
-    styles = run_styles(methods)
+    nrows = rows_per_metric * len(metrics)
+    fig, axes = new_grid(nrows, ncols, height_in=0.5 + panel_h * nrows)
+    styles = run_styles(methods, runs)
     labels = [SHORT.get(m, m) for m in modules]
     for b, shown in enumerate(metrics):
         _, _, bar_label, cmap = PANELS[shown]

@@ -77,7 +77,7 @@ def localization_figure(
     )
     write_csv(data, out_prefix)
 
-    styles = run_styles(methods)
+    styles = run_styles(methods, runs)
     height = 1.4 + 0.16 * len(runs)
     fig, axes = new_grid(1, 3, height_in=height, sharey=True)
     y = np.arange(len(runs))

@@ -64,7 +64,7 @@ def rotation_figure(
     )
     write_csv(data, out_prefix)
 
-    styles = run_styles(methods)
+    styles = run_styles(methods, runs)
     fig, axes = new_grid(1, 2, height_in=2.6, sharey=True)
     positive = data.filter(pl.col("value") > 0)
     for ax, side in zip(axes[0], ("left", "right")):

@@ -79,7 +79,7 @@ def sufficiency_figure(
     data = pl.concat(parts, how="vertical_relaxed")
     write_csv(data, out_prefix)
 
-    styles = run_styles(methods)
+    styles = run_styles(methods, list(dict.fromkeys(r for runs in groups.values() for r in runs)))
     fig, axes = new_grid(1, len(groups), height_in=2.6, sharey=True, double=len(groups) > 1)
     handles: dict[str, object] = {}
     for ax, (group, runs) in zip(axes[0], groups.items()):

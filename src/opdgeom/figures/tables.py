@@ -102,20 +102,23 @@ def summarise(rows: pl.DataFrame, by: list[str], how: str) -> pl.DataFrame:
     how: "median" (also q25/q75), "mean", "max", "weighted_mean" (by ``parameters``), or
     "root_sum_square" (sqrt of the summed squares: the Frobenius norm of all matrices together).
     """
-    value = pl.col("value")
+    value, weight = pl.col("value"), pl.col("parameters")
     exprs = {
         "median": [value.median(), value.quantile(0.25, interpolation="linear").alias("q25"),
                    value.quantile(0.75, interpolation="linear").alias("q75")],
         "mean": [value.mean()],
         "max": [value.max()],
-        "weighted_mean": [((value * pl.col("parameters")).sum() / pl.col("parameters").filter(value.is_not_null()).sum())],
+        "weighted_mean": [(value * pl.col("parameters")).sum() / weight.filter(value.is_not_null()).sum()],
         "root_sum_square": [(value**2).sum().sqrt()],
     }
     if how not in exprs:
         raise ValueError(f"unknown summary {how!r}; expected one of {sorted(exprs)}")
     finite = rows.with_columns(value=pl.col("value").fill_nan(None))
     out = finite.group_by(by, maintain_order=True).agg(
-        exprs[how][0].alias("value"), *exprs[how][1:], n_matrices=pl.col("value").count(), n_nan=pl.col("value").null_count()
+        exprs[how][0].alias("value"),
+        *exprs[how][1:],
+        n_matrices=pl.col("value").count(),
+        n_nan=pl.col("value").null_count(),
     )
     if how == "median":
         return out

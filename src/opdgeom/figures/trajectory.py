@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from opdgeom.figures.style import legend_below, new_figure, run_styles, save
+from opdgeom.figures.style import legend_below, legend_height, new_figure, run_styles, save
 from opdgeom.figures.tables import (
     GEOMETRY_COLUMNS,
     check_methods,
@@ -28,6 +28,8 @@ from opdgeom.figures.tables import (
 
 @dataclass(frozen=True)
 class TrajectoryPanel:
+    """One trajectory figure; "<k>" in ylabel/title is replaced by the figure's option ``k``."""
+
     metric: str
     summary: str  # see opdgeom.figures.tables.summarise
     ylabel: str
@@ -43,36 +45,33 @@ SUMMARY_TEXT = {
     "root_sum_square": "all matrices together",
 }
 
+STABLE_RANK = r"stable rank $\|\Delta W\|_F^2/\|\Delta W\|_2^2$"
+
 TRAJECTORY_FIGURES = {
-    "fig4a": TrajectoryPanel(
-        "stable_rank", "median", r"stable rank $\|\Delta W\|_F^2/\|\Delta W\|_2^2$", "Stable rank of the cumulative update"
-    ),
+    "fig4a": TrajectoryPanel("stable_rank", "median", STABLE_RANK, "Stable rank of the cumulative update"),
     "fig4b": TrajectoryPanel(
         "frobenius_norm",
         "root_sum_square",
-        r"$\|\Delta W\|_F$, all matrices  $(\sum \|\Delta W_i\|_F^2)^{1/2}$",
+        r"update norm $\sqrt{\sum_i \|\Delta W_i\|_F^2}$",
         "Size of the cumulative update",
         log_y=True,
     ),
     "fig4c": TrajectoryPanel(
-        "tail_index", "median", r"tail index $\alpha$ of $\sigma(\Delta W)^2$ (power-law MLE)", "Heavy-tailedness of the cumulative update"
+        "tail_index",
+        "median",
+        r"tail index $\alpha$ of $\sigma(\Delta W)^2$ (power-law MLE)",
+        "Heavy-tailedness of the cumulative update",
     ),
     "fig5": TrajectoryPanel(
         "subspace_similarity_to_final",
         "median",
-        r"$\mathrm{Sim}_{16}(t, T)=\frac{1}{16}\|V_{16}(t)^\top V_{16}(T)\|_F^2$",
-        "Top-16 right subspace of the update vs. the final one",
+        r"subspace similarity $\mathrm{Sim}_{<k>}(t, T)$",
+        "Top-<k> right subspace of the update: step t vs. final",
         ylim=(-0.02, 1.02),
     ),
-    "fig7a": TrajectoryPanel(
-        "stable_rank", "median", r"stable rank $\|\Delta W\|_F^2/\|\Delta W\|_2^2$", "Token sparsification: stable rank"
-    ),
-    "fig7b": TrajectoryPanel(
-        "stable_rank", "median", r"stable rank $\|\Delta W\|_F^2/\|\Delta W\|_2^2$", "Off-policy rollouts: stable rank"
-    ),
-    "fig7c": TrajectoryPanel(
-        "stable_rank", "median", r"stable rank $\|\Delta W\|_F^2/\|\Delta W\|_2^2$", "Objective mixing: stable rank"
-    ),
+    "fig7a": TrajectoryPanel("stable_rank", "median", STABLE_RANK, "Token sparsification: stable rank"),
+    "fig7b": TrajectoryPanel("stable_rank", "median", STABLE_RANK, "Off-policy rollouts: stable rank"),
+    "fig7c": TrajectoryPanel("stable_rank", "median", STABLE_RANK, "Objective mixing: stable rank"),
 }
 
 
@@ -84,9 +83,13 @@ def trajectory_figure(
     methods: dict[str, str],
     runs: list[str] | None = None,
     log_y: bool | None = None,
+    k: int = 16,
     dpi: int = 200,
 ) -> pl.DataFrame:
-    """x = training step, y = ``panel.metric`` summarised over layer matrices, one line per run."""
+    """x = training step, y = ``panel.metric`` summarised over layer matrices, one line per run.
+
+    ``k``: the diagnostics' subspace size K (labels only, fig5); ``log_y`` overrides the panel's y scale.
+    """
     methods = check_methods(name, methods)
     runs = select_runs(name, methods, runs)
     table = read_tables(name, inputs, (*GEOMETRY_COLUMNS, "step"))
@@ -106,8 +109,8 @@ def trajectory_figure(
     )
     write_csv(data, out_prefix)
 
-    styles = run_styles(methods)
-    fig, ax = new_figure(height_in=2.4 + 0.12 * ((len(runs) + 1) // 2))
+    styles = run_styles(methods, runs)
+    fig, ax = new_figure(height_in=2.3 + legend_height(runs))
     for run in runs:
         line = data.filter(pl.col("run") == run)
         ax.plot(line["step"], line["value"], label=run, **styles[run].line())
@@ -116,8 +119,9 @@ def trajectory_figure(
     if panel.ylim:
         ax.set_ylim(*panel.ylim)
     ax.set_xlabel("training step")
-    ax.set_ylabel(panel.ylabel)
-    ax.set_title(f"{panel.title}\n($\\Delta W_t = W_t - W_0$; {SUMMARY_TEXT[panel.summary]})")
+    ax.set_ylabel(panel.ylabel.replace("<k>", str(k)))
+    title = panel.title.replace("<k>", str(k))
+    ax.set_title(f"{title}\n($\\Delta W_t = W_t - W_0$; {SUMMARY_TEXT[panel.summary]})")
     ax.grid(True, lw=0.3, alpha=0.5)
     handles, labels = ax.get_legend_handles_labels()
     legend_below(fig, handles, labels)
@@ -135,7 +139,7 @@ def make_trajectory_figure(name: str):
     figure.__name__ = f"{name}_figure"
     figure.__doc__ = (
         f"{name}: {panel.title} ({panel.metric}, {SUMMARY_TEXT[panel.summary]}) over training steps.\n\n"
-        "Options: methods (run -> method), runs (default: all of methods), log_y, dpi.\n"
+        "Options: methods (run -> method), runs (default: all of methods), log_y, k (fig5 labels), dpi.\n"
         "CSV: run, method, step, metric, summary, value, q25, q75, n_matrices, n_nan."
     )
     return figure
