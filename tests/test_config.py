@@ -24,6 +24,7 @@ def study(config: dict) -> Study:
 def with_runs(*runs) -> dict:
     config = base_config()
     config["runs"] = list(runs)
+    config["figures"] = [{"name": "table1"}]  # the default figures name runs these tests replace
     return config
 
 
@@ -92,3 +93,24 @@ def test_snakemake_refuses_bad_config_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "family: unknown family 'nope'" in proc.stdout + proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_every_figure_function_has_a_plan_entry():
+    from opdgeom.figures import FIGURES
+    from opdgeom.plan import FIGURE_DATA
+
+    assert set(FIGURES) == set(FIGURE_DATA)
+
+
+def test_figure_with_an_unknown_run_is_named():
+    config = base_config()
+    config["figures"] = [{"name": "fig7a", "runs": ["opd", "opd.nope"]}]
+    with pytest.raises(ConfigError, match=r"figures\[0\]: unknown run\(s\) \['opd.nope'\]"):
+        study(config)
+
+
+def test_figure_inputs_are_only_its_runs():
+    s = study(base_config())
+    inputs = [p.name for p in s.figure_inputs("fig7b")]
+    assert inputs == ["opd.parquet", "opd.offanchor.parquet", "opd.offlag.parquet"]
+    assert s.figure_options("localization")["alpha"] == base_config()["diagnose"]["alpha"]

@@ -24,7 +24,7 @@ def test_dry_run_plans_the_whole_study(family, tmp_path):
     proc = snakemake("-n", "--config", f"family={family}", f"results_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr
-    for rule in ("model", "train", "evaluate", "compare", "trajectory", "table1", "accuracy"):
+    for rule in ("model", "train", "evaluate", "compare", "trajectory", "table1", "accuracy", "fig4a", "fig7c"):
         assert f"rule {rule}:" in out or f"localrule {rule}:" in out, f"{family}: no {rule} job planned"
     assert f"{tmp_path}/{family}/figures/table1.md" in out
 
@@ -43,7 +43,7 @@ def smoke(tmp_path_factory) -> Path:
 
 @pytest.mark.workflow
 def test_smoke_outputs_exist_and_are_sane(smoke):
-    for name in ("table1.csv", "table1.md", "accuracy.png", "accuracy.pdf", "accuracy.csv"):
+    for name in ("table1.csv", "table1.md", "accuracy.png", "accuracy.pdf", "accuracy.csv", "fig4a.png", "fig5.csv"):
         assert (smoke / "figures" / name).stat().st_size > 0, name
     table = pl.read_csv(smoke / "figures" / "table1.csv")
     assert table["run"].to_list() == ["sft"]
@@ -77,19 +77,37 @@ def test_smoke_checkpoints_are_bf16_hf_folders_with_manifest(smoke):
 
 
 @pytest.mark.workflow
-def test_smoke_rerun_has_nothing_to_do_and_one_figure_rebuilds_alone(smoke):
+@pytest.mark.parametrize("figure", ["table1", "fig4a"])
+def test_smoke_rerun_has_nothing_to_do_and_one_figure_rebuilds_alone(smoke, figure):
     results = smoke.parent
     config = ["--configfile", "config/smoke.yaml", "--config", f"results_dir={results}", f"cache_dir={results}/cache"]
     proc = snakemake("-n", *config)
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
-    (smoke / "figures" / "table1.md").unlink()
-    proc = snakemake("--profile", "profiles/local", "table1", *config)
+    target = next((smoke / "figures").glob(f"{figure}.*"))
+    target.unlink()
+    proc = snakemake("--profile", "profiles/local", figure, *config)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
-    assert "rule table1:" in out
+    assert f"rule {figure}:" in out
     for rule in ("train", "model", "evaluate", "compare", "trajectory"):
-        assert f"rule {rule}:" not in out, f"rebuilding table1 reran {rule}"
-    assert (smoke / "figures" / "table1.md").exists()
+        assert f"rule {rule}:" not in out, f"rebuilding {figure} reran {rule}"
+    assert target.exists()
+
+
+@pytest.mark.workflow
+def test_report_bundles_every_figure(smoke, tmp_path):
+    results = smoke.parent
+    report = tmp_path / "report.zip"
+    proc = snakemake(
+        "--configfile", "config/smoke.yaml", "--config", f"results_dir={results}", f"cache_dir={results}/cache",
+        "--report", str(report),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import zipfile
+
+    names = zipfile.ZipFile(report).namelist()
+    for figure in ("accuracy", "rotation", "fig4a", "fig5", "localization"):
+        assert any(n.endswith(f"{figure}.png") for n in names), figure
 
 
 @pytest.mark.workflow

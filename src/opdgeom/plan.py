@@ -13,6 +13,27 @@ from opdgeom.config import ConfigError, deep_merge, load_family, validate
 from opdgeom.tasks import known_domains
 
 METHODS_NEEDING_TEACHER = ("opd", "mix")
+# Which table each figure is drawn from (opdgeom.figures.FIGURES has the functions; a test keeps
+# the two in step) and which files it writes.
+FIGURE_DATA = {
+    "table1": "compare", "accuracy": "eval", "rotation": "compare", "drift": "compare",
+    "localization": "compare", "heatmap": "compare", "fig4a": "trajectory", "fig4b": "trajectory",
+    "fig4c": "trajectory", "fig5": "trajectory", "fig6": "eval", "fig7a": "trajectory",
+    "fig7b": "trajectory", "fig7c": "trajectory",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure target: its runs (config order) and the options its function receives."""
+
+    name: str
+    runs: tuple[str, ...]
+    options: dict = field(hash=False)
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        return ("csv", "md") if self.name == "table1" else ("png", "pdf", "csv")
 OPTION_KEYS = ("alpha", "token_mask", "behaviour", "projection")
 
 
@@ -55,6 +76,7 @@ class Study:
         self.cache_dir = Path(config["cache_dir"])
         self.models = family["models"]
         self.runs = self._resolve_runs(config["runs"])
+        self.figures = self._resolve_figures(config["figures"])
 
     @classmethod
     def from_config(cls, config: dict, families_dir: str | Path, schema_dir: str | Path) -> "Study":
@@ -100,6 +122,49 @@ class Study:
         self._check_acyclic(runs)
         runs.update(self._teacher_finetunes(runs))
         return runs
+
+    def _resolve_figures(self, entries: list[dict]) -> dict[str, FigureSpec]:
+        figures = {}
+        for i, entry in enumerate(entries):
+            where = f"config: figures[{i}]"
+            name = entry["name"]
+            if name in figures:
+                raise ConfigError(f"{where}.name: figure {name!r} is listed twice")
+            options = {k: v for k, v in entry.items() if k not in ("name", "runs")}
+            grouped = [r for group in options.get("groups", {}).values() for r in group]
+            runs = entry.get("runs") or grouped or self.study_runs
+            unknown = [r for r in [*runs, *grouped] if r not in self.runs]
+            if unknown:
+                raise ConfigError(f"{where}: unknown run(s) {unknown}; runs: {', '.join(self.study_runs)}")
+            figures[name] = FigureSpec(name, tuple(dict.fromkeys(runs)), options)
+        return figures
+
+    def figure_inputs(self, name: str) -> list[Path]:
+        """The tables a figure is drawn from: only its own runs (and references), nothing else."""
+        spec = self.figures[name]
+        kind = FIGURE_DATA[name]
+        if kind == "eval":
+            return [self.eval_table(ref) for ref in dict.fromkeys([*spec.runs, *self.reference_refs])]
+        table = self.compare_table if kind == "compare" else self.trajectory_table
+        return [table(run) for run in spec.runs]
+
+    @property
+    def reference_refs(self) -> dict[str, str]:
+        """Reference models drawn as flat lines: the student base and the (default) teacher."""
+        return {"student": "base", self.teacher_ref("teacher", self.data["domain"]): "teacher"}
+
+    def figure_options(self, name: str) -> dict:
+        """Config options plus what the plan knows: each run's method, the diagnostics' k and alpha."""
+        spec = self.figures[name]
+        options = {"methods": {run: self.runs[run].method for run in spec.runs}, **spec.options}
+        derived = {
+            "accuracy": {"references": self.reference_refs},
+            "fig6": {"references": self.reference_refs},
+            "localization": {"alpha": self.diagnose["alpha"]},
+            "rotation": {"k": self.diagnose["k"]},
+            "fig5": {"k": self.diagnose["trajectory_k"]},
+        }
+        return {**derived.get(name, {}), **options}
 
     @staticmethod
     def _check_options(where: str, spec: RunSpec) -> None:
@@ -206,6 +271,9 @@ class Study:
 
     def figure(self, name: str, ext: str) -> Path:
         return self.results / "figures" / f"{name}.{ext}"
+
+    def figure_outputs(self, name: str) -> list[Path]:
+        return [self.figure(name, ext) for ext in self.figures[name].extensions]
 
     @property
     def eval_refs(self) -> list[str]:

@@ -79,27 +79,8 @@ def eval_source(wildcards):
     return f"--model {STUDY.model_dir(wildcards.ref)}"
 
 
-def run_methods():
-    return json.dumps({run: STUDY.runs[run].method for run in STUDY.study_runs})
-
-
-def accuracy_options():
-    teacher = STUDY.teacher_ref("teacher", STUDY.data["domain"])
-    return json.dumps({"methods": json.loads(run_methods()), "references": {"student": "base", teacher: "teacher"}})
-
-
-FIGURE_FILES = {
-    "table1": ["csv", "md"],
-    "accuracy": ["png", "pdf", "csv"],
-}
-
-
-def figure_outputs(name):
-    return [str(STUDY.figure(name, ext)) for ext in FIGURE_FILES[name]]
-
-
 def all_targets():
-    targets = [f for name in FIGURE_FILES for f in figure_outputs(name)]
+    targets = [str(f) for name in STUDY.figures for f in STUDY.figure_outputs(name)]
     targets += [str(STUDY.eval_table(ref)) for ref in STUDY.eval_refs]
     targets += [str(STUDY.trajectory_table(run)) for run in STUDY.study_runs]
     return targets

@@ -1,31 +1,27 @@
-# Each figure is a named target: `snakemake table1` rebuilds that figure and only what it needs.
-rule table1:
-    input:
-        [str(STUDY.compare_table(run)) for run in STUDY.study_runs],
-    output:
-        figure_outputs("table1"),
-    params:
-        prefix=lambda wc, output: os.path.splitext(output[0])[0],
-        options=json.dumps({"methods": json.loads(run_methods())}),
-    conda:
-        "../../envs/figures.yaml"
-    log:
-        f"{LOGS}/figures/table1.log",
-    shell:
-        "python -m opdgeom figure table1 --inputs {input} --out-prefix {params.prefix} --options {params.options:q} 2> {log}"
+# One rule per figure, named after it: `snakemake fig4a` rebuilds that figure from its runs' tables
+# and nothing else. What each figure draws and its options come from the plan (config `figures:`).
+for _figure in STUDY.figures:
 
-
-rule accuracy:
-    input:
-        [str(STUDY.eval_table(ref)) for ref in STUDY.eval_refs],
-    output:
-        figure_outputs("accuracy"),
-    params:
-        prefix=lambda wc, output: os.path.splitext(output[0])[0],
-        options=accuracy_options(),
-    conda:
-        "../../envs/figures.yaml"
-    log:
-        f"{LOGS}/figures/accuracy.log",
-    shell:
-        "python -m opdgeom figure accuracy --inputs {input} --out-prefix {params.prefix} --options {params.options:q} 2> {log}"
+    rule:
+        name:
+            _figure
+        input:
+            [str(p) for p in STUDY.figure_inputs(_figure)],
+        output:
+            [
+                report(str(p), caption=f"../report/{_figure}.rst", category="Figures")
+                if str(p).endswith(".png")
+                else str(p)
+                for p in STUDY.figure_outputs(_figure)
+            ],
+        params:
+            name=_figure,
+            prefix=lambda wc, output: os.path.splitext(output[0])[0],
+            options=json.dumps(STUDY.figure_options(_figure)),
+        conda:
+            "../../envs/figures.yaml"
+        log:
+            f"{LOGS}/figures/{_figure}.log",
+        shell:
+            "python -m opdgeom figure {params.name} --inputs {input} --out-prefix {params.prefix} "
+            "--options {params.options:q} 2> {log}"
