@@ -10,13 +10,12 @@ import polars as pl
 import pytest
 from safetensors import safe_open
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
 
 FAMILIES = sorted(p.stem for p in (REPO / "config" / "families").glob("*.yaml"))
 
 
-def snakemake(*args, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True)
+snakemake = run_snakemake
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -27,18 +26,6 @@ def test_dry_run_plans_the_whole_study(family, tmp_path):
     for rule in ("model", "train", "evaluate", "compare", "trajectory", "table1", "accuracy", "fig4a", "fig7c"):
         assert f"rule {rule}:" in out or f"localrule {rule}:" in out, f"{family}: no {rule} job planned"
     assert f"{tmp_path}/{family}/figures/table1.md" in out
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    """Run the smoke study once; the tests below inspect what it wrote."""
-    results = tmp_path_factory.mktemp("smoke")
-    proc = snakemake(
-        "--profile", "profiles/local", "--configfile", "config/smoke.yaml",
-        "--config", f"results_dir={results}", f"cache_dir={results}/cache",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return results / "tiny-qwen3"
 
 
 @pytest.mark.workflow

@@ -17,7 +17,11 @@ NODE=localhost
 
 [[ $EUID -eq 0 ]] || { echo "start.sh: must run as root (daemons, /etc/slurm, mknod)" >&2; exit 2; }
 
-alive() { local pid; pid=$(cat "$DIR/run/$1.pid" 2>/dev/null) && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1" ]]; }
+# Running means: the pid file names a live process of that name (a stale file may name a recycled pid).
+alive() {
+    local pid
+    pid=$(cat "$DIR/run/$1.pid" 2>/dev/null) && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1" ]]
+}
 
 if alive munged && alive slurmctld && alive slurmd; then
     echo "local Slurm already running ($DIR)"
@@ -39,7 +43,7 @@ fi
 
 # A half-started or crashed earlier cluster: stop what is left, then start from clean state.
 "$(dirname "$0")/stop.sh" >/dev/null
-rm -rf "$DIR"/{etc,run,log,spool,dev,munge}
+rm -rf "${DIR:?}"/{etc,run,log,spool,dev,munge}
 mkdir -p "$DIR"/{etc,run,log,spool/ctld,spool/d,dev}
 chmod 755 "$DIR"
 
@@ -80,6 +84,7 @@ MinJobAge=3600
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 GresTypes=gpu
+# Partition names match the placeholders in profiles/slurm; the node covers its largest request.
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=64 RealMemory=512000 Gres=gpu:h100:2 State=UNKNOWN
 PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP

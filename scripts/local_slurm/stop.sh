@@ -8,9 +8,9 @@ CONF=/etc/slurm/slurm.conf
 
 ours() { [[ "$(readlink "$CONF")" == "$DIR/etc/slurm.conf" ]]; }
 
-if ours; then
-    jobs=$(squeue -h -o %i 2>/dev/null)
-    [[ -n $jobs ]] && scancel $jobs
+# Jobs first, and wait until they are gone: a job step ending after slurmd or munged is left behind.
+if ours && squeue -h -o %i 2>/dev/null | xargs -r scancel; then
+    for _ in $(seq 100); do [[ -z $(squeue -h -t pending,running,completing 2>/dev/null) ]] && break; sleep 0.1; done
 fi
 
 # Each daemon takes ~2 s to exit on SIGTERM: signal all of them, then wait for all.

@@ -1,0 +1,108 @@
+"""The Slurm path for real: a throwaway single-node cluster (scripts/local_slurm), the smoke study
+submitted job by job through sbatch with the project's Slurm profile, and the same numbers as a
+local run of the same study."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts" / "local_slurm"
+PROFILE = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+RUNS = ("slurm", "local")  # the two ways the smoke study is run and compared
+SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (daemons, /etc/slurm/slurm.conf, mknod)")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("Slurm is not installed and apt-get is not available to install it")
+    try:
+        subprocess.run([SCRIPTS / "start.sh"], check=True)
+        yield
+    finally:
+        subprocess.run([SCRIPTS / "stop.sh"], check=True)
+
+
+def profile_for_local_cluster(tmp_path: Path) -> Path:
+    """profiles/slurm as it is, less what only a real cluster has, plus fast polling."""
+    profile = {**PROFILE, "default-resources": dict(PROFILE["default-resources"])}
+    del profile["default-resources"]["slurm_account"]  # accounts need slurmdbd; the plugin goes on without
+    del profile["set-threads"]  # one thread per job, as in the local run: same numbers, 2 real cores
+    profile.update({
+        "jobs": 2,
+        "retries": 0,
+        "slurm-status-command": "squeue",  # no slurmdbd, so no sacct; start.sh keeps MinJobAge high
+        "slurm-init-seconds-before-status-checks": 2,
+        "slurm-logdir": str(tmp_path / "slurm_logs"),
+        "slurm-keep-successful-logs": True,
+    })  # fmt: skip
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
+    return tmp_path / "profile"
+
+
+def run_smoke(profile: Path, results: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", str(profile), "--configfile", "config/smoke.yaml",
+         "--config", f"results_dir={results}", f"cache_dir={results}/cache"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def expected_request(rule: str) -> dict:
+    resources = {**PROFILE["default-resources"], **PROFILE["set-resources"].get(rule, {})}
+    return {
+        "JobState": "COMPLETED",
+        "Partition": resources["slurm_partition"],
+        "NumCPUs": str(resources["cpus_per_task"]),
+        "MinMemoryNode": f"{resources['mem_mb']}M",
+        "TresPerJob": f"gres:gpu:{resources['gpu_model']}:{resources['gpu']}" if "gpu" in resources else None,
+    }
+
+
+def granted(slurm_jobid: str) -> dict:
+    cmd = ["scontrol", "-o", "show", "job", slurm_jobid]
+    shown = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    fields = dict(kv.split("=", 1) for kv in shown.stdout.split() if "=" in kv)
+    mem = fields["MinMemoryNode"]  # scontrol writes whole gigabytes as G
+    fields["MinMemoryNode"] = f"{int(mem[:-1]) * 1024}M" if mem.endswith("G") else mem
+    return {key: fields.get(key) for key in ("JobState", "Partition", "NumCPUs", "MinMemoryNode", "TresPerJob")}
+
+
+def test_smoke_study_through_sbatch_matches_a_local_run(cluster, tmp_path, smoke):
+    proc = run_smoke(profile_for_local_cluster(tmp_path), tmp_path / "slurm")
+    log = proc.stdout + proc.stderr
+    (tmp_path / "slurm.log").write_text(log)  # kept under pytest's basetemp for a post-mortem
+    assert proc.returncode == 0, log[-6000:]
+
+    submitted = {jobid: Path(path) for jobid, path in SUBMITTED.findall(log)}
+    rules = {jobid: re.search(r"/rule_(\w+)/", str(path)).group(1) for jobid, path in submitted.items()}
+    # Every job went through sbatch (only the target rule `all` ran on the submit host), and every
+    # rule the profile names exists in the workflow.
+    assert sorted(re.findall(r"^rule (\w+):", log, re.M)) == sorted(rules.values()), log[-4000:]
+    assert re.findall(r"^localrule (\w+):", log, re.M) == ["all"]
+    assert set(PROFILE["set-resources"]) <= set(rules.values())
+    for jobid, rule in rules.items():
+        assert submitted[jobid].exists(), f"no Slurm log for job {jobid} ({rule})"
+        assert granted(jobid) == expected_request(rule), f"job {jobid} ({rule})"
+
+    # The reference is the session's local smoke run (tests/conftest.py). Training on CPU is
+    # deterministic and both runs use one thread per job: every figure's table must agree to the bit.
+    figures = {"slurm": tmp_path / "slurm" / "tiny-qwen3" / "figures", "local": smoke / "figures"}
+    tables = {run: sorted(p.name for p in folder.glob("*.csv")) for run, folder in figures.items()}
+    assert tables["slurm"] == tables["local"] and {"table1.csv", "accuracy.csv"} <= set(tables["local"])
+    for name in tables["local"]:
+        slurm_run, local_run = (pl.read_csv(figures[run] / name) for run in RUNS)
+        assert slurm_run.equals(local_run), f"{name}\nSlurm:\n{slurm_run}\nlocal:\n{local_run}"
