@@ -46,6 +46,8 @@ def test_default_config_plans_the_study():
         (lambda c: c.update(colour="blue"), "'colour' was unexpected"),
         (lambda c: c["data"].update(domain="chess"), "data.domain: unknown domain 'chess'"),
         (lambda c: c.update(family_overrides={"pretrain": {"steps": -1}}), "pretrain.steps"),
+        (lambda c: c.update(family="qwen3-8b", family_overrides={"models": {"student": {"revision": "main"}}}),
+         "models.student"),
     ],
 )
 def test_invalid_config_names_the_key(mutate, expected):
