@@ -168,3 +168,14 @@ def test_projection_by_hand_on_a_matrix():
 def test_load_model_keeps_fp32_master_weights(tiny):
     model = load_model(tiny["init"])
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_changed_run_never_mixes_old_checkpoints(tiny, tmp_path):
+    out = tmp_path / "run"
+    train_run(run_spec("sft"), tiny["init"], tiny["data"], out, seed=0)
+    (out / ".step_000099.tmp-dead").mkdir()  # what a job killed while saving leaves behind
+    changed = run_spec("sft", train={"steps": 4, "checkpoint_every": 4})
+    manifest = train_run(changed, tiny["init"], tiny["data"], out, seed=0)
+    assert [c["step"] for c in read_manifest(manifest)] == [0, 4]
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_000004"]
+    assert not list(out.glob(".*.tmp*"))

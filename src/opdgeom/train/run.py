@@ -24,18 +24,27 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _clear_stale(run_dir: Path, fp: str) -> None:
-    """Remove checkpoints left by a run with other inputs, so the manifest never mixes two runs."""
-    import torch
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
-    state = run_dir / STATE_FILE
-    if state.exists() and torch.load(state, weights_only=False)["fingerprint"] == fp:
-        return
-    for stale in [*run_dir.glob("step_*"), state]:
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
+
+def _clear_stale(run_dir: Path, fp: str) -> None:
+    """Prepare ``run_dir`` for the run with fingerprint ``fp``.
+
+    Half-written temporaries of a killed job always go. Checkpoints and trainer state go too when
+    they belong to a run with other inputs (the small .fingerprint file says, without loading the
+    state), so a manifest never mixes two runs; a matching state is kept for resuming.
+    """
+    for partial in run_dir.glob(".*.tmp*"):
+        _remove(partial)
+    marker = run_dir / ".fingerprint"
+    if not (marker.exists() and marker.read_text() == fp):
+        for stale in [*run_dir.glob("step_*"), run_dir / STATE_FILE]:
+            _remove(stale)
+        marker.write_text(fp)
 
 
 def make_behaviour(run: dict, model, init: Path, world: World):
