@@ -115,3 +115,13 @@ def test_compare_rejects_a_truncated_checkpoint(smoke, tmp_path):
     assert proc.returncode != 0
     assert str(bad / "model.safetensors") in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3-8b", "llama3-8b"])
+def test_slurm_dry_run_plans_cluster_presets_with_gpu_resources(family, tmp_path):
+    proc = snakemake("-n", "--profile", "slurm", "--config", f"family={family}", f"results_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    train_jobs = out.split("rule train:")[1:]
+    assert len(train_jobs) >= 20
+    assert all("gpu=1, gpu_model=h100" in job.split("rule ")[0] for job in train_jobs)
