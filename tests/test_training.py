@@ -127,24 +127,23 @@ def _reference(tiny, tmp_path) -> tuple[Path, Path]:
     return tiny["init"], Path(read_manifest(ref)[1]["path"])
 
 
-def test_update_projection_keeps_cumulative_update_in_subspace(tiny, tmp_path):
-    spec = run_spec("opd", projection={"mode": "update", "rank": 4, "reference": "ref", "at_fraction": 0.5})
+@pytest.mark.parametrize(
+    "mode, inside",
+    [
+        # "update" keeps the cumulative update in the subspace to float tolerance.
+        ("update", lambda outside: outside < 1e-10),
+        # "gradient" leaks through AdamW's per-coordinate scaling: measured, neither 0 nor all.
+        ("gradient", lambda outside: 0.0 < outside < 1.0),
+    ],
+)
+def test_projection_energy_outside_the_subspace(tiny, tmp_path, mode, inside):
+    spec = run_spec("opd", projection={"mode": mode, "rank": 4, "reference": "ref", "at_fraction": 0.5})
     manifest = train_run(
         spec, tiny["init"], tiny["data"], tmp_path / "run", seed=0, teacher=tiny["teacher"],
         projection_reference=_reference(tiny, tmp_path),
     )  # fmt: skip
     energy = json.loads(manifest.read_text())["projection"]["energy_outside"]
-    assert energy["total"] < 1e-10, energy
-
-
-def test_gradient_projection_leaks_through_adam_and_is_measured(tiny, tmp_path):
-    spec = run_spec("opd", projection={"mode": "gradient", "rank": 4, "reference": "ref", "at_fraction": 0.5})
-    manifest = train_run(
-        spec, tiny["init"], tiny["data"], tmp_path / "run", seed=0, teacher=tiny["teacher"],
-        projection_reference=_reference(tiny, tmp_path),
-    )  # fmt: skip
-    energy = json.loads(manifest.read_text())["projection"]["energy_outside"]
-    assert 0.0 < energy["total"] < 1.0
+    assert inside(energy["total"]), energy
 
 
 def test_projection_by_hand_on_a_matrix():
