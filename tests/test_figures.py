@@ -13,6 +13,7 @@ import pytest
 from opdgeom.cli import main as cli_main
 from opdgeom.figures import FIGURES
 from opdgeom.figures.style import run_styles
+from opdgeom.geometry.compare import SCHEMA as COMPARE_SCHEMA
 
 DPI = 40
 LAYERS = [0, 1, 2]
@@ -60,17 +61,8 @@ def _geometry_row(run, step, layer, module, metric, value, kind="matrix", tensor
     }
 
 
-SCHEMA = {
-    "run": pl.String,
-    "step": pl.Int64,
-    "tensor": pl.String,
-    "kind": pl.String,
-    "layer": pl.Int64,
-    "module": pl.String,
-    "metric": pl.String,
-    "parameters": pl.Int64,
-    "value": pl.Float64,
-}
+# The workflow's comparison/trajectory tables: the geometry schema tagged with run and step.
+SCHEMA = {"run": pl.String, "step": pl.Int64, **COMPARE_SCHEMA}
 
 
 def _write(rows, path):
