@@ -125,3 +125,23 @@ def test_slurm_dry_run_plans_cluster_presets_with_gpu_resources(family, tmp_path
     train_jobs = out.split("rule train:")[1:]
     assert len(train_jobs) >= 20
     assert all("gpu=1, gpu_model=h100" in job.split("rule ")[0] for job in train_jobs)
+
+
+@pytest.mark.parametrize(
+    "resources, launch",
+    [
+        ([], "python"),
+        (["train:nproc_per_node=8"], "torchrun --standalone --nproc-per-node 8"),
+        (["train:nodes=2", "train:nproc_per_node=8"], "srun -n 2 --ntasks-per-node=1 torchrun --nnodes=2"),
+    ],
+)
+def test_train_launch_follows_profile_resources(resources, launch, tmp_path):
+    target = f"{tmp_path}/qwen3-8b/runs/sft/manifest.json"
+    args = ["-n", "-p", "--profile", "slurm", "--config", "family=qwen3-8b", f"results_dir={tmp_path}"]
+    proc = snakemake(*args, *(["--set-resources", *resources] if resources else []), "--", target)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shell = next(line for line in proc.stdout.splitlines() if "-m opdgeom train" in line)
+    # Run the rule's own launcher selection and see which command it picked.
+    selection = shell.removeprefix("Shell command: ").split(" fi; ")[0] + ' fi; echo "$launch"'
+    picked = subprocess.run(["bash", "-c", selection], capture_output=True, text=True, check=True).stdout
+    assert picked.startswith(launch), picked

@@ -1,6 +1,8 @@
 # One rule trains every run of the matrix: the method and its settings travel as the run's JSON.
-# resources.nproc_per_node > 1 (set in a profile) launches the same command under torchrun
-# (data parallel, FSDP2); 1 runs a plain process.
+# The launch follows the resources a profile sets: nproc_per_node > 1 runs torchrun on one node
+# (data parallel, FSDP2); nodes > 1 runs one torchrun per node through srun, rendezvous on the
+# first node (with the plugin's `mpi: srun`, the job runs this shell once, on that node);
+# otherwise a plain process.
 rule train:
     input:
         unpack(run_inputs),
@@ -12,6 +14,7 @@ rule train:
         out=lambda wc: str(STUDY.run_dir(wc.run)),
         seed=STUDY.seed,
     resources:
+        nodes=1,
         nproc_per_node=1,
     conda:
         "../../envs/train.yaml"
@@ -20,7 +23,10 @@ rule train:
     benchmark:
         f"{RES}/benchmarks/train/{{run}}.tsv"
     shell:
-        "if [ {resources.nproc_per_node} -gt 1 ]; then"
+        "if [ {resources.nodes} -gt 1 ]; then"
+        " launch=\"srun -n {resources.nodes} --ntasks-per-node=1 torchrun --nnodes={resources.nodes}"
+        " --nproc-per-node={resources.nproc_per_node} --rdzv-backend=c10d --rdzv-endpoint=$(hostname):29500\";"
+        " elif [ {resources.nproc_per_node} -gt 1 ]; then"
         " launch='torchrun --standalone --nproc-per-node {resources.nproc_per_node}'; else launch=python; fi; "
         "$launch -m opdgeom train --spec {params.spec:q} {params.paths} --train-data {input.train_data} "
         "--seed {params.seed} --out {params.out} 2> {log}"
