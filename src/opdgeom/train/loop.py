@@ -52,7 +52,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # one log per run, not one per rank
         print(msg, file=sys.stderr, flush=True)
 
@@ -96,9 +96,9 @@ def train(
             method.load_state_dict(state["method"])
             scheduler.load_state_dict(state["scheduler"])
             start, tokens_seen, records, wall_before = state["step"], state["tokens"], state["records"], state["wall"]
-            _log(f"resuming from step {start} ({state_path})")
+            log(f"resuming from step {start} ({state_path})")
         else:
-            _log(f"ignoring {state_path}: it belongs to another configuration")
+            log(f"ignoring {state_path}: it belongs to another configuration")
 
     t_start = time.perf_counter()
     model.train()
@@ -131,7 +131,7 @@ def train(
             # Rollout throughput counts generated tokens over the batch phase (sampling + scoring);
             # update throughput counts trained tokens over the forward/backward/optimizer phase.
             rollout = f"rollout_tok/s={stats['rollout_tokens'] / t_batch:.0f} " if "rollout_tokens" in stats else ""
-            _log(
+            log(
                 f"step {done}/{steps} {extras} grad_norm={grad_norm.item():.3g} {rollout}"
                 f"update_tok/s={stats['trained_tokens'] / (t_step - t_batch):.0f} "
                 f"batch_s={t_batch:.2f} step_s={t_step:.2f} eta={eta:.0f}s"

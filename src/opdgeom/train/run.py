@@ -10,7 +10,7 @@ from pathlib import Path
 from opdgeom.models import build_model, load_model, load_tokenizer, save_model
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
-from opdgeom.train.loop import STATE_FILE, _log, train, write_manifest
+from opdgeom.train.loop import STATE_FILE, log, train, write_manifest
 from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
 from opdgeom.train.distributed import SINGLE, World, barrier, setup, shard, teardown
 from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
@@ -131,7 +131,7 @@ def train_run(
             raise ValueError(f"run {run['name']!r} asks for a projection but no reference checkpoints were given")
         p = run["projection"]
         projection = SubspaceProjection.from_reference(model, *projection_reference, p["rank"], p["mode"])
-    _log(f"run {run['name']}: method={run['method']} init={init} examples={len(examples)} steps={run['train']['steps']}")
+    log(f"run {run['name']}: method={run['method']} init={init} examples={len(examples)} steps={run['train']['steps']}")
     every, steps = run["train"]["checkpoint_every"], run["train"]["steps"]
     checkpoint_steps = sorted({*range(every, steps + 1, every), steps})
     records = train(model, tokenizer, method, run["train"], out_dir, checkpoint_steps, fp, projection, world)
@@ -141,7 +141,7 @@ def train_run(
     extra = {}
     if projection is not None:
         energy = projection.energy_outside()
-        _log(f"update energy outside the rank-{run['projection']['rank']} subspace: {energy['total']:.3e}")
+        log(f"update energy outside the rank-{run['projection']['rank']} subspace: {energy['total']:.3e}")
         extra["projection"] = {**run["projection"], "energy_outside": energy}
     return write_manifest(out_dir, run, init, records, extra)
 
@@ -157,7 +157,7 @@ def build_and_pretrain(spec: dict, pretrain: dict, tokenizer_dir: Path, corpus: 
     work_dir.mkdir(parents=True, exist_ok=True)
     _clear_stale(work_dir, fp)
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"pretraining {spec['architecture']} ({n_params / 1e6:.2f}M parameters) for {pretrain['steps']} steps")
+    log(f"pretraining {spec['architecture']} ({n_params / 1e6:.2f}M parameters) for {pretrain['steps']} steps")
     method = SFTMethod(tokenizer, examples, pretrain["batch_size"], seed)
     train(model, tokenizer, method, settings, work_dir, [pretrain["steps"]], fp)
     save_model(model, tokenizer, out_dir)
