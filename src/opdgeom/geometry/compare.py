@@ -16,7 +16,7 @@ import polars as pl
 import torch
 
 from opdgeom.geometry.cache import StatCache, tensor_digest
-from opdgeom.geometry.metrics import mask_overlap, unchanged_count, update_norms
+from opdgeom.geometry.metrics import BaseMasks, base_masks, mask_overlap, unchanged_count, update_norms
 from opdgeom.geometry.spectral import Spectrum, angles_between, normalized_shift, spectrum
 from opdgeom.geometry.stream import TensorInfo, iter_tensor_pairs
 
@@ -97,26 +97,41 @@ def as_cache(cache: StatCache | str | Path | None) -> StatCache | None:
     return cache if cache is None or isinstance(cache, StatCache) else StatCache(cache)
 
 
-def cached_spectrum(w_mn: torch.Tensor, k: int, cache: StatCache | None, device: str) -> Spectrum:
+def cached_spectrum(
+    w_mn: torch.Tensor, k: int, cache: StatCache | None, device: str, digest: str | None = None
+) -> Spectrum:
     """Float64 spectrum of one matrix, from the content-addressed cache when possible."""
     if cache is None:
         return spectrum(w_mn, k, device)
-    stats = cache.get_or_compute(
-        [tensor_digest(w_mn)], "spectrum", {"k": k}, lambda: spectrum(w_mn, k, device).as_dict()
-    )
+    digest = digest or tensor_digest(w_mn)
+    stats = cache.get_or_compute([digest], "spectrum", {"k": k}, lambda: spectrum(w_mn, k, device).as_dict())
     return Spectrum.from_dict(stats)
+
+
+def cached_base_masks(
+    w0_mn: torch.Tensor, alpha: float, k: int, spec: Spectrum, cache: StatCache | None, digest: str
+) -> BaseMasks:
+    """W0's localization-mask selections (two thresholds and tie counts), cached per W0."""
+    if cache is None:
+        return base_masks(w0_mn, alpha, k, spec)
+    stats = cache.get_or_compute(
+        [digest], "base_masks", {"alpha": alpha, "k": k}, lambda: base_masks(w0_mn, alpha, k, spec).as_dict()
+    )
+    return BaseMasks.from_dict(stats)
 
 
 def _spectral_rows(name: str, info: TensorInfo, w0_mn, w1_mn, k, alpha, eta, cache, device) -> list[dict]:
     k_eff = min(k, *w0_mn.shape)
-    s0 = cached_spectrum(w0_mn, k_eff, cache, device)
+    digest0 = tensor_digest(w0_mn) if cache is not None else None
+    s0 = cached_spectrum(w0_mn, k_eff, cache, device, digest0)
     s1 = cached_spectrum(w1_mn, k_eff, cache, device)
     values = {"spectral_shift": normalized_shift(s0.sigma_r, s1.sigma_r)}
     for side, a_k, b_k in (("left", s0.left_mk, s1.left_mk), ("right", s0.right_nk, s1.right_nk)):
         theta_k = angles_between(a_k, b_k)
         values[f"principal_angle_{side}_max"] = float(theta_k.max())
         values[f"principal_angle_{side}_mean"] = float(theta_k.mean())
-    overlap = mask_overlap(w0_mn, w1_mn, alpha, k_eff, eta, spectrum0=s0)
+    masks0 = cached_base_masks(w0_mn, alpha, k_eff, s0, cache, digest0)
+    overlap = mask_overlap(w0_mn, w1_mn, alpha, k_eff, eta, spectrum0=s0, masks0=masks0)
     values["mask_overlap_principal"] = overlap["principal"]
     values["mask_overlap_low_magnitude"] = overlap["low_magnitude"]
     return [_row(name, info, metric, w0_mn.numel(), value) for metric, value in values.items()]

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from opdgeom.geometry.bits import FLOAT_DTYPES, has_nonfinite
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # A safetensors header larger than this is corrupt rather than real (the format caps it at 100 MB).
@@ -178,7 +180,8 @@ def check_finite(tensor: torch.Tensor, entry: TensorEntry) -> None:
         return
     flat_n = tensor.reshape(-1)
     for start in range(0, flat_n.numel(), FINITE_CHECK_NUMEL):
-        if not bool(torch.isfinite(flat_n[start : start + FINITE_CHECK_NUMEL]).all()):
+        chunk_n = flat_n[start : start + FINITE_CHECK_NUMEL]
+        if has_nonfinite(chunk_n) if chunk_n.dtype in FLOAT_DTYPES else not bool(torch.isfinite(chunk_n).all()):
             raise CheckpointError(f"{entry.path}: tensor {entry.name} has non-finite values (NaN or Inf)")
 
 
