@@ -107,14 +107,14 @@ def trajectory_table(
     cache = as_cache(cache)
     steps = sorted(checkpoint_dirs_by_step)
     rows = []
-    with CheckpointSeries(checkpoint_dirs_by_step[s] for s in steps) as series:
-        for name in series.names:
-            info = series.info(name)
-            if info.kind in SPECTRAL_KINDS and len(series.shape(name)) == 2:
-                LOG.info("trajectory of %s", name)
-                rows.extend(_matrix_rows(series, name, info, steps, K, cache, device))
-            else:
-                rows.extend(_norm_rows(series, name, info, steps))
+    series = CheckpointSeries(checkpoint_dirs_by_step[s] for s in steps)
+    for name in series.names:
+        info = series.info(name)
+        if info.kind in SPECTRAL_KINDS and len(series.shape(name)) == 2:
+            LOG.info("trajectory of %s", name)
+            rows.extend(_matrix_rows(series, name, info, steps, K, cache, device))
+        else:
+            rows.extend(_norm_rows(series, name, info, steps))
     if not rows:
         return pl.DataFrame(schema=TRAJECTORY_SCHEMA)
     return pl.DataFrame(rows, schema=TRAJECTORY_SCHEMA, orient="row")

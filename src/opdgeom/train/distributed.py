@@ -10,6 +10,8 @@ take the same step as one process on the whole batch (up to float summation orde
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,8 @@ def setup() -> World:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    node = os.environ.get("SLURMD_NODENAME", "-")
+    print(f"rank {rank}/{size} on {socket.gethostname()} (Slurm node {node}): {device}, {backend}", file=sys.stderr)
     return World(rank=rank, size=size, device=device)
 
 
