@@ -6,24 +6,28 @@
 # /etc/slurm/slurm.conf (plus gres.conf), because the job step plugin strips SLURM_CONF before its
 # inner srun and Slurm then reads the compiled-in path.
 #
-# The node is declared larger than this machine (SlurmdParameters=config_overrides) with two fake
+# Each node is declared larger than this machine (SlurmdParameters=config_overrides) with two fake
 # H100s (character devices cloned from /dev/null), so the real per-rule requests of profiles/slurm
 # (16 CPUs, 128 GB, --gpus=h100:1) are scheduled as they would be on a GPU node.
+# LOCAL_SLURM_NODES=N (default 2) starts N slurmd daemons on this host, nodes n1..nN, each on its
+# own port, so multi-node jobs (sbatch --nodes=2, srun across nodes) run for real.
 set -euo pipefail
 
 DIR=${LOCAL_SLURM_DIR:-/tmp/opdgeom-slurm}
+NODES=${LOCAL_SLURM_NODES:-2}
 CONF=/etc/slurm/slurm.conf
-NODE=localhost
+[[ $NODES =~ ^[1-9][0-9]?$ ]] || { echo "start.sh: LOCAL_SLURM_NODES must be 1..99, got '$NODES'" >&2; exit 2; }
+NODELIST="n[1-$NODES]"
 
 [[ $EUID -eq 0 ]] || { echo "start.sh: must run as root (daemons, /etc/slurm, mknod)" >&2; exit 2; }
 
 # Running means: the pid file names a live process of that name (a stale file may name a recycled pid).
 alive() {
     local pid
-    pid=$(cat "$DIR/run/$1.pid" 2>/dev/null) && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1" ]]
+    pid=$(cat "$DIR/run/$1.pid" 2>/dev/null) && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "${1%%-*}" ]]
 }
 
-if alive munged && alive slurmctld && alive slurmd; then
+if alive munged && alive slurmctld && alive slurmd-n1 && [[ $(sinfo -h -N -o %N 2>/dev/null | sort -u | wc -l) == "$NODES" ]]; then
     echo "local Slurm already running ($DIR)"
     exit 0
 fi
@@ -66,11 +70,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$DIR/munge/munge.socket
 StateSaveLocation=$DIR/spool/ctld
-SlurmdSpoolDir=$DIR/spool/d
+SlurmdSpoolDir=$DIR/spool/d-%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -84,15 +88,16 @@ MinJobAge=3600
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 GresTypes=gpu
-# Partition names match the placeholders in profiles/slurm; the node covers its largest request.
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=64 RealMemory=512000 Gres=gpu:h100:2 State=UNKNOWN
-PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
+# Partition names match the placeholders in profiles/slurm; a node covers the largest request.
+# All nodes live on this host (NodeHostname=localhost), told apart by their slurmd ports.
+NodeName=$NODELIST NodeHostname=localhost NodeAddr=127.0.0.1 Port=17001-$((17000 + NODES)) CPUs=64 RealMemory=512000 Gres=gpu:h100:2 State=UNKNOWN
+PartitionName=cpu Nodes=$NODELIST Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$NODELIST MaxTime=INFINITE State=UP
 CONF
 
 cat > "$DIR/etc/gres.conf" <<CONF
 AutoDetect=off
-NodeName=$NODE Name=gpu Type=h100 File=$DIR/dev/gpu[0-1]
+NodeName=$NODELIST Name=gpu Type=h100 File=$DIR/dev/gpu[0-1]
 CONF
 
 mkdir -p /etc/slurm
@@ -100,13 +105,14 @@ ln -sfn "$DIR/etc/slurm.conf" "$CONF"
 ln -sfn "$DIR/etc/gres.conf" /etc/slurm/gres.conf
 
 slurmctld
-slurmd -N "$NODE"
+for i in $(seq "$NODES"); do slurmd -N "n$i"; done
 
-# Ready when the node has registered and is idle.
+# Ready when every node has registered and is idle.
 for _ in $(seq 100); do
-    state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null || true)
-    [[ $state == idle ]] && { echo "local Slurm up ($DIR): $(sinfo -h -o '%P %T %G' | tr '\n' ' ')"; exit 0; }
+    state=$(sinfo -h -N -o %T 2>/dev/null | sort -u | tr '\n' ' ' || true)
+    idle=$(sinfo -h -N -t idle -o %N 2>/dev/null | sort -u | wc -l)
+    [[ $idle == "$NODES" ]] && { echo "local Slurm up ($DIR, $NODES nodes): $(sinfo -h -o '%P %T %D %G' | tr '\n' ' ')"; exit 0; }
     sleep 0.1
 done
-echo "start.sh: node not idle after 10 s (state: ${state:-none}); see $DIR/log" >&2
+echo "start.sh: not all $NODES nodes idle after 10 s (states: ${state:-none}); see $DIR/log" >&2
 exit 1

@@ -16,9 +16,10 @@ fi
 # Each daemon takes ~2 s to exit on SIGTERM: signal all of them, then wait for all.
 # A stale pid file may name a recycled pid, so the process name must match too.
 pids=()
-for name in slurmd slurmctld munged; do
-    pid=$(cat "$DIR/run/$name.pid" 2>/dev/null) || continue
-    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]] || continue
+for file in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/run/munged.pid"; do
+    name=$(basename "$file" .pid)
+    pid=$(cat "$file" 2>/dev/null) || continue
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "${name%%-*}" ]] || continue
     kill "$pid" && pids+=("$pid") && echo "stopping $name ($pid)"
 done
 for _ in $(seq 100); do

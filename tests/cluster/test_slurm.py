@@ -1,6 +1,6 @@
-"""The Slurm path for real: a throwaway single-node cluster (scripts/local_slurm), the smoke study
-submitted job by job through sbatch with the project's Slurm profile, and the same numbers as a
-local run of the same study."""
+"""The Slurm path for real: a throwaway two-node cluster on this host (scripts/local_slurm), the
+smoke study submitted job by job through sbatch with the project's Slurm profile, the same numbers
+as a local run of the same study, and one training job spread over both nodes."""
 
 import os
 import re
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "local_slurm"
@@ -35,9 +37,10 @@ def cluster():
         subprocess.run([SCRIPTS / "stop.sh"], check=True)
 
 
-def profile_for_local_cluster(tmp_path: Path) -> Path:
-    """profiles/slurm as it is, less what only a real cluster has, plus fast polling."""
+def profile_for_local_cluster(tmp_path: Path, **set_resources) -> Path:
+    """profiles/slurm as it is, less what only a real cluster has, plus fast polling and ``set_resources``."""
     profile = {**PROFILE, "default-resources": dict(PROFILE["default-resources"])}
+    profile["set-resources"] = {**PROFILE["set-resources"], **set_resources}
     del profile["default-resources"]["slurm_account"]  # accounts need slurmdbd; the plugin goes on without
     del profile["set-threads"]  # one thread per job, as in the local run: same numbers, 2 real cores
     profile.update({
@@ -53,10 +56,11 @@ def profile_for_local_cluster(tmp_path: Path) -> Path:
     return tmp_path / "profile"
 
 
-def run_smoke(profile: Path, results: Path) -> subprocess.CompletedProcess:
+def run_smoke(profile: Path, results: Path, *targets: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", str(profile), "--configfile", "config/smoke.yaml",
-         "--config", f"results_dir={results}", f"cache_dir={results}/cache"],
+         "--config", f"results_dir={results}", f"cache_dir={results}/cache", "--rerun-triggers", "mtime",
+         "--", *targets],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
 
@@ -106,3 +110,32 @@ def test_smoke_study_through_sbatch_matches_a_local_run(cluster, tmp_path, smoke
     for name in tables["local"]:
         slurm_run, local_run = (pl.read_csv(figures[run] / name) for run in RUNS)
         assert slurm_run.equals(local_run), f"{name}\nSlurm:\n{slurm_run}\nlocal:\n{local_run}"
+
+
+def test_training_spans_two_nodes(cluster, tmp_path, smoke):
+    """Rule train with nodes=2, as profiles/slurm documents it: sbatch --nodes=2, the job step runs
+    the rule's shell once, srun starts one torchrun per node, and FSDP2 (gloo) joins one rank per
+    node. The result is the smoke study's one-process SFT run up to float summation order."""
+    results = tmp_path / "results"  # the smoke study's outputs less the run: only training is left
+    shutil.copytree(smoke.parent, results, ignore=lambda folder, names: ["sft"] if folder.endswith("runs") else [])
+    train = {k: v for k, v in PROFILE["set-resources"]["train"].items() if k not in ("gpu", "gpu_model")}
+    train.update(nodes=2, nproc_per_node=1, gres="gpu:h100:1", tasks=2, tasks_per_gpu=0, mpi="srun", cpus_per_task=1)
+    run = results / "tiny-qwen3" / "runs" / "sft"
+    proc = run_smoke(profile_for_local_cluster(tmp_path, train=train), results, str(run / "manifest.json"))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    [(jobid, _)] = SUBMITTED.findall(log)
+    shown = subprocess.run(["scontrol", "-o", "show", "job", jobid], capture_output=True, text=True, check=True)
+    fields = dict(kv.split("=", 1) for kv in shown.stdout.split() if "=" in kv)
+    assert (fields["JobState"], fields["NumNodes"], fields["NodeList"]) == ("COMPLETED", "2", "n[1-2]")
+
+    train_log = (results / "tiny-qwen3" / "logs" / "train" / "sft.log").read_text()
+    ranks = sorted(re.findall(r"^rank (\d)/2 on \S+ \(Slurm node (n\d)\)", train_log, re.M))
+    assert ranks == [("0", "n1"), ("1", "n2")], train_log[-3000:]
+    two_nodes = torch.load(run / "trainer_state.pt", weights_only=False)["model"]
+    one_process = torch.load(smoke / "runs" / "sft" / "trainer_state.pt", weights_only=False)["model"]
+    init = load_file(smoke / "models" / "student" / "model.safetensors")
+    assert two_nodes.keys() == one_process.keys()
+    for name, weight in one_process.items():
+        moved = (weight - init[name].float()).abs().max()
+        assert (weight - two_nodes[name]).abs().max() <= 1e-5 + 1e-3 * moved, name
