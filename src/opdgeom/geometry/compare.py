@@ -111,7 +111,7 @@ def cached_spectrum(
 def cached_base_masks(
     w0_mn: torch.Tensor, alpha: float, k: int, spec: Spectrum, cache: StatCache | None, digest: str
 ) -> BaseMasks:
-    """W0's localization-mask selections (two thresholds and tie counts), cached per W0."""
+    """W0's localization masks (principal mask packed, low-magnitude threshold and ties), cached per W0."""
     if cache is None:
         return base_masks(w0_mn, alpha, k, spec)
     stats = cache.get_or_compute(
@@ -154,8 +154,9 @@ def compare_checkpoints(
     costly and reported separately when asked for): spectral_shift (NSS),
     principal_angle_{left,right}_{max,mean} (degrees, top-k subspaces), and
     mask_overlap_{principal,low_magnitude} (random baseline = alpha). Aggregates: sparsity
-    rows "module:<name>" and "all:<kind>" as in sparsity_table. Spectra of each tensor are
-    cached by content, so the anchor's are computed once per study.
+    rows "module:<name>" and "all:<kind>" as in sparsity_table. Spectra of each tensor and
+    W0's localization masks are cached by content, so the anchor's are computed once per study
+    and a further checkpoint of the same base costs one spectrum per matrix.
     """
     cache = as_cache(cache)
     rows = []

@@ -164,6 +164,8 @@ def mask_overlap(
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     _check_pair(w0_mn, w1_mn, eta)
+    if masks0 is None and unchanged_count(w0_mn, w1_mn, eta) == w0_mn.numel():
+        return {"principal": float("nan"), "low_magnitude": float("nan")}  # no spectrum for nothing
     masks = masks0 if masks0 is not None else base_masks(w0_mn, alpha, k, spectrum0)
     a_n, b_n = w0_mn.detach().reshape(-1), w1_mn.detach().reshape(-1)
     changed = hits_principal = hits_low = 0
