@@ -52,3 +52,22 @@ def test_two_ranks_run_on_policy_distillation(tiny, tmp_path):  # noqa: F811
     final = load_file(tmp_path / "two" / "step_000002" / "model.safetensors")
     init = load_file(tiny["init"] / "model.safetensors")
     assert any(not torch.equal(final[k], init[k]) for k in final)
+
+
+def test_two_ranks_sample_from_a_lagged_copy(tiny, tmp_path):  # noqa: F811
+    """Off-policy control under FSDP: every rank holds a whole, unsharded copy of the policy,
+    refreshed from the gathered weights every `lag` steps and saved with the trainer state."""
+    spec = {
+        "name": "dp", "method": "opd", "domain": "math", "behaviour": {"policy": "lagged", "lag": 2},
+        "train": {**SETTINGS, "steps": 3, "checkpoint_every": 2},
+    }  # fmt: skip
+    two = _train(tiny, spec, tmp_path / "two", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    state = torch.load(tmp_path / "two" / "trainer_state.pt", weights_only=False)
+    assert state["method"]["refreshed_at"] == 2  # steps 0 and 1 sampled from step 0, step 2 from step 2
+    lagged = state["method"]["weights"]
+    at_step_2 = load_file(tmp_path / "two" / "step_000002" / "model.safetensors")
+    init = load_file(tiny["init"] / "model.safetensors")
+    assert any(not torch.equal(at_step_2[k], init[k]) for k in at_step_2)
+    for name, weight in at_step_2.items():  # the checkpoint is the bf16 copy of the same weights
+        assert torch.equal(lagged[name].to(weight.dtype), weight), name

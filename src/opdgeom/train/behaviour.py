@@ -8,6 +8,7 @@ the loss then corrects with rho = exp(log pi_theta - log pi_behaviour).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 
 class OnPolicy:
@@ -44,20 +45,23 @@ class FrozenPolicy:
 class LaggedPolicy:
     """A copy of the policy, refreshed at steps 0, lag, 2*lag, ...: rollouts are up to lag-1 steps stale.
 
-    Its weights are part of the trainer state, so a resumed run samples from the same stale copy.
+    The copy is a plain (unsharded) model on ``device`` on every rank; ``full_state`` gives the
+    policy's whole weights (gathered from every rank when the policy is FSDP-sharded). Its
+    weights are part of the trainer state, so a resumed run samples from the same stale copy.
     """
 
     on_policy = False
 
-    def __init__(self, model, lag: int):
+    def __init__(self, model, lag: int, device, full_state: Callable):
         self.lag = lag
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        self.full_state = full_state
         self.refreshed_at: int | None = None
 
     def sampler(self, model, step: int):
         due = step - step % self.lag
         if self.refreshed_at != due:
-            self.model.load_state_dict(model.state_dict())
+            self.model.load_state_dict(self.full_state(model))
             self.refreshed_at = due
         return self.model
 

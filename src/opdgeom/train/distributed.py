@@ -97,6 +97,15 @@ def full_model_state(model, world: World) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def replicated_model_state(model, world: World) -> dict[str, torch.Tensor]:
+    """The whole model's weights on every rank, on the training device (for a replicated copy)."""
+    if world.size == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+
+
 def full_optimizer_state(model, optimizer, world: World) -> dict:
     if world.size == 1:
         return optimizer.state_dict()

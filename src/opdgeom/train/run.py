@@ -12,7 +12,7 @@ from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.train.loop import STATE_FILE, log, train, write_manifest
 from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
-from opdgeom.train.distributed import SINGLE, World, barrier, setup, shard, teardown
+from opdgeom.train.distributed import SINGLE, World, barrier, replicated_model_state, setup, shard, teardown
 from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
 from opdgeom.train.projection import SubspaceProjection
 
@@ -54,7 +54,7 @@ def make_behaviour(run: dict, model, init: Path, world: World):
         return OnPolicy()
     if spec["policy"] == "anchor":
         return FrozenPolicy(load_model(init, device=world.device))
-    return LaggedPolicy(model, spec["lag"])
+    return LaggedPolicy(model, spec["lag"], world.device, lambda policy: replicated_model_state(policy, world))
 
 
 def make_engine(settings: dict, init: Path, world: World):
@@ -113,8 +113,8 @@ def train_run(
     """
     init, train_data, out_dir = Path(init), Path(train_data), Path(out_dir)
     world = setup()
-    if world.size > 1 and (run.get("projection") or run.get("behaviour", {}).get("policy") == "lagged"):
-        raise ValueError(f"run {run['name']!r}: projection and lagged behaviour run in one process only")
+    if world.size > 1 and run.get("projection"):
+        raise ValueError(f"run {run['name']!r}: subspace-projected training runs in one process only")
     fp = fingerprint(run, str(init), str(train_data), str(teacher), str(projection_reference), seed)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
