@@ -14,11 +14,11 @@ from test_training import SETTINGS, tiny  # noqa: F401  (module fixture: tiny in
 pytestmark = pytest.mark.distributed
 
 
-def _train(tiny, spec, out, nproc: int) -> subprocess.CompletedProcess:
+def _train(tiny, spec, out, nproc: int, extra=()) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = [
         *launcher, "-m", "opdgeom", "train", "--spec", json.dumps(spec), "--init", str(tiny["init"]),
-        "--teacher", str(tiny["teacher"]), "--train-data", str(tiny["data"]), "--out", str(out),
+        "--teacher", str(tiny["teacher"]), "--train-data", str(tiny["data"]), "--out", str(out), *extra,
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", **__import__("os").environ}
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -71,3 +71,27 @@ def test_two_ranks_sample_from_a_lagged_copy(tiny, tmp_path):  # noqa: F811
     assert any(not torch.equal(at_step_2[k], init[k]) for k in at_step_2)
     for name, weight in at_step_2.items():  # the checkpoint is the bf16 copy of the same weights
         assert torch.equal(lagged[name].to(weight.dtype), weight), name
+
+
+def test_two_ranks_train_inside_a_subspace(tiny, tmp_path):  # noqa: F811
+    """Subspace-projected training under FSDP: each rank projects the rows it holds; the result is the
+    one-process run's, and the cumulative update stays inside the subspace."""
+    reference = {"name": "ref", "method": "sft", "domain": "math", "train": {**SETTINGS, "steps": 2}}
+    ref = _train(tiny, reference, tmp_path / "ref", nproc=1)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    extra = ["--projection-reference", str(tiny["init"]), str(tmp_path / "ref" / "step_000002")]
+    spec = {
+        "name": "dp", "method": "sft", "domain": "math", "train": {**SETTINGS, "steps": 4, "checkpoint_every": 2},
+        "projection": {"mode": "update", "rank": 4, "reference": "ref", "at_fraction": 0.5},
+    }  # fmt: skip
+    runs = {n: _train(tiny, spec, tmp_path / f"p{n}", nproc=n, extra=extra) for n in (1, 2)}
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"p{n}" / "trainer_state.pt", weights_only=False)["model"] for n in (1, 2))
+    init = load_file(tiny["init"] / "model.safetensors")
+    for name in a:
+        moved = (a[name] - init[name].float()).abs().max()
+        assert (a[name] - b[name]).abs().max() <= 1e-5 + 1e-3 * moved, name
+    for n in (1, 2):
+        energy = json.loads((tmp_path / f"p{n}" / "manifest.json").read_text())["projection"]["energy_outside"]
+        assert energy["total"] < 1e-10, (n, energy["total"])

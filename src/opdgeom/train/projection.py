@@ -7,6 +7,9 @@ subspace: that leak is measured, not hidden). Mode "update" projects the cumulat
 every optimizer step, W <- W_0 + (W - W_0) V V^T, so the weights never leave W_0 + span.
 Only the 2-D matrices inside transformer layers are projected; embeddings, lm_head and 1-D weights
 train freely in both modes.
+
+Both projections act on the input (column) side, so they are row-local: under FSDP2, which
+shards every matrix by rows, each rank projects the rows it holds and no weight moves between ranks.
 """
 
 from __future__ import annotations
@@ -17,12 +20,22 @@ import torch
 
 from opdgeom.geometry.spectral import top_right_singular_vectors
 from opdgeom.geometry.stream import iter_tensor_pairs
+from opdgeom.train.distributed import SINGLE, World, global_sum
 
 MODES = ("gradient", "update")
 
 
+def _local_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of a matrix this rank holds: the local shard of an FSDP2 DTensor, else the matrix."""
+    if not hasattr(tensor, "to_local"):
+        return tensor
+    if any(not (placement.is_shard(0) or placement.is_replicate()) for placement in tensor.placements):
+        raise ValueError(f"the projection needs matrices sharded by rows, got placements {tensor.placements}")
+    return tensor.to_local()
+
+
 class SubspaceProjection:
-    def __init__(self, model, bases_nk: dict[str, torch.Tensor], mode: str):
+    def __init__(self, model, bases_nk: dict[str, torch.Tensor], mode: str, world: World = SINGLE):
         if mode not in MODES:
             raise ValueError(f"projection mode must be one of {MODES}, got {mode!r}")
         params = dict(model.named_parameters())
@@ -30,43 +43,54 @@ class SubspaceProjection:
         if missing:
             raise ValueError(f"projection basis names tensors the model does not have: {missing[:3]}")
         self.mode = mode
+        self.world = world
         self.params = {name: params[name] for name in bases_nk}
-        self.projectors_nn = {name: (v @ v.T).to(params[name].dtype) for name, v in bases_nk.items()}
-        self.w0 = {name: p.detach().clone() for name, p in self.params.items()}
+        self.projectors_nn = {
+            name: (v @ v.T).to(device=_local_rows(params[name]).device, dtype=params[name].dtype)
+            for name, v in bases_nk.items()
+        }
+        self.w0 = {name: _local_rows(p).detach().clone() for name, p in self.params.items()}
 
     @classmethod
-    def from_reference(cls, model, reference_init: Path, reference_checkpoint: Path, rank: int, mode: str):
+    def from_reference(
+        cls, model, reference_init: Path, reference_checkpoint: Path, rank: int, mode: str, world: World = SINGLE
+    ):
         """Bases from the reference run's update between two checkpoints (streamed tensor by tensor)."""
         bases = {}
         for pair in iter_tensor_pairs(reference_init, reference_checkpoint):
             if pair.info.kind == "matrix":
                 dw_mn = pair.w1.double() - pair.w0.double()
                 bases[pair.name] = top_right_singular_vectors(dw_mn, min(rank, min(dw_mn.shape))).float()
-        return cls(model, bases, mode)
+        return cls(model, bases, mode, world)
 
     @torch.no_grad()
     def after_backward(self, model) -> None:
         if self.mode == "gradient":
             for name, param in self.params.items():
                 if param.grad is not None:
-                    param.grad.copy_(param.grad @ self.projectors_nn[name])
+                    grad = _local_rows(param.grad)
+                    grad.copy_(grad @ self.projectors_nn[name])
 
     @torch.no_grad()
     def after_update(self, model) -> None:
         if self.mode == "update":
             for name, param in self.params.items():
-                w0 = self.w0[name]
-                param.copy_(w0 + (param - w0) @ self.projectors_nn[name])
+                w0, w = self.w0[name], _local_rows(param)
+                w.copy_(w0 + (w - w0) @ self.projectors_nn[name])
 
     @torch.no_grad()
     def energy_outside(self) -> dict[str, float]:
-        """Fraction of each matrix's cumulative update energy outside the subspace, and in total."""
-        out, total_out, total = {}, 0.0, 0.0
+        """Fraction of each matrix's cumulative update energy outside the subspace, and in total.
+
+        Under torchrun every rank must call it (the energies are summed over ranks' rows).
+        """
+        energies = []
         for name, param in self.params.items():
-            dw = (param - self.w0[name]).double()
+            dw = (_local_rows(param) - self.w0[name]).double()
             outside = dw - dw @ self.projectors_nn[name].double()
-            e_out, e_all = float(outside.square().sum()), float(dw.square().sum())
-            out[name] = e_out / e_all if e_all > 0 else 0.0
-            total_out, total = total_out + e_out, total + e_all
+            energies.append(torch.stack([outside.square().sum(), dw.square().sum()]))
+        summed = global_sum(torch.stack(energies), self.world).cpu().tolist() if energies else []
+        out = {name: e_out / e_all if e_all > 0 else 0.0 for name, (e_out, e_all) in zip(self.params, summed)}
+        total_out, total = sum(e[0] for e in summed), sum(e[1] for e in summed)
         out["total"] = total_out / total if total > 0 else 0.0
         return out

@@ -113,8 +113,6 @@ def train_run(
     """
     init, train_data, out_dir = Path(init), Path(train_data), Path(out_dir)
     world = setup()
-    if world.size > 1 and run.get("projection"):
-        raise ValueError(f"run {run['name']!r}: subspace-projected training runs in one process only")
     fp = fingerprint(run, str(init), str(train_data), str(teacher), str(projection_reference), seed)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,19 +128,19 @@ def train_run(
         if projection_reference is None:
             raise ValueError(f"run {run['name']!r} asks for a projection but no reference checkpoints were given")
         p = run["projection"]
-        projection = SubspaceProjection.from_reference(model, *projection_reference, p["rank"], p["mode"])
+        projection = SubspaceProjection.from_reference(model, *projection_reference, p["rank"], p["mode"], world)
     log(f"run {run['name']}: method={run['method']} init={init} examples={len(examples)} steps={run['train']['steps']}")
     every, steps = run["train"]["checkpoint_every"], run["train"]["steps"]
     checkpoint_steps = sorted({*range(every, steps + 1, every), steps})
     records = train(model, tokenizer, method, run["train"], out_dir, checkpoint_steps, fp, projection, world)
+    extra = {}
+    if projection is not None:
+        energy = projection.energy_outside()  # a collective under torchrun: before teardown, on every rank
+        log(f"update energy outside the rank-{run['projection']['rank']} subspace: {energy['total']:.3e}")
+        extra["projection"] = {**run["projection"], "energy_outside": energy}
     teardown(world)
     if not world.is_main:
         return out_dir / "manifest.json"
-    extra = {}
-    if projection is not None:
-        energy = projection.energy_outside()
-        log(f"update energy outside the rank-{run['projection']['rank']} subspace: {energy['total']:.3e}")
-        extra["projection"] = {**run["projection"], "energy_outside": energy}
     return write_manifest(out_dir, run, init, records, extra)
 
 
