@@ -46,37 +46,47 @@ ALPHA = 0.05
 ETA = 1e-3
 
 
-def build_pair(folder: Path, layers: int, seed: int = 0, scale: int = 1) -> tuple[Path, Path, Path]:
+def build_pair(
+    folder: Path, layers: int, seed: int = 0, scale: int = 1, device: str = "cpu"
+) -> tuple[Path, Path, Path]:
     """W0 = N(0, 0.02^2) bulk + 32 separated spikes; W1 = W0 + rank-8 drift + noise on 30% of entries;
     W2 (a second tuned checkpoint) = W0 + another drift and noise draw.
 
     The spikes give W0 a well separated top of the spectrum, as trained weights have, so
-    top-16 subspaces are well defined; all stored in bf16 like a short training run.
+    top-16 subspaces are well defined; all stored in bf16 like a short training run. ``device``
+    draws the random matrices there (a GPU builds a 36-layer pair in seconds; other numbers).
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     state_a, state_b, state_c = {}, {}, {}
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device)
+
+    def bf16(w: torch.Tensor) -> torch.Tensor:
+        return w.to(torch.bfloat16).cpu()
+
     for layer in range(layers):
         for module, (m, n) in SHAPES.items():
             m, n = m // scale, n // scale  # --scale shrinks every matrix for a quick check of the script
             name = f"model.layers.{layer}.{module}.weight"
             bulk_edge = 0.02 * (math.sqrt(m) + math.sqrt(n))
-            spikes_r = bulk_edge * (2 + 30 / torch.arange(1, 33, dtype=torch.float32))
-            u_mr = torch.randn(m, 32, generator=gen) / math.sqrt(m)
-            v_nr = torch.randn(n, 32, generator=gen) / math.sqrt(n)
-            w0 = 0.02 * torch.randn(m, n, generator=gen) + (u_mr * spikes_r) @ v_nr.T
-            drift = torch.randn(m, 8, generator=gen) @ torch.randn(8, n, generator=gen) * 2e-5
-            touched = torch.rand(m, n, generator=gen) < 0.3
-            w1 = w0 + drift + touched * 2e-4 * torch.randn(m, n, generator=gen)
-            drift2 = torch.randn(m, 8, generator=gen) @ torch.randn(8, n, generator=gen) * 2e-5
-            w2 = w0 + drift2 + touched * 2e-4 * torch.randn(m, n, generator=gen)
-            state_a[name], state_b[name] = w0.to(torch.bfloat16), w1.to(torch.bfloat16)
-            state_c[name] = w2.to(torch.bfloat16)
+            spikes_r = bulk_edge * (2 + 30 / torch.arange(1, 33, dtype=torch.float32, device=device))
+            u_mr = randn(m, 32) / math.sqrt(m)
+            v_nr = randn(n, 32) / math.sqrt(n)
+            w0 = 0.02 * randn(m, n) + (u_mr * spikes_r) @ v_nr.T
+            drift = randn(m, 8) @ randn(8, n) * 2e-5
+            touched = torch.rand(m, n, generator=gen, device=device) < 0.3
+            w1 = w0 + drift + touched * 2e-4 * randn(m, n)
+            drift2 = randn(m, 8) @ randn(8, n) * 2e-5
+            w2 = w0 + drift2 + touched * 2e-4 * randn(m, n)
+            state_a[name], state_b[name] = bf16(w0), bf16(w1)
+            state_c[name] = bf16(w2)
         for module, n in VECTORS.items():
             name = f"model.layers.{layer}.{module}.weight"
-            w0 = 1 + 0.1 * torch.randn(n, generator=gen)
-            state_a[name] = w0.to(torch.bfloat16)
-            state_b[name] = (w0 + 1e-3 * torch.randn(n, generator=gen)).to(torch.bfloat16)
-            state_c[name] = (w0 + 1e-3 * torch.randn(n, generator=gen)).to(torch.bfloat16)
+            w0 = 1 + 0.1 * randn(n)
+            state_a[name] = bf16(w0)
+            state_b[name] = bf16(w0 + 1e-3 * randn(n))
+            state_c[name] = bf16(w0 + 1e-3 * randn(n))
     dirs = folder / "a", folder / "b", folder / "c"
     for d, state in zip(dirs, (state_a, state_b, state_c)):
         d.mkdir(parents=True, exist_ok=True)
@@ -126,7 +136,7 @@ def naive(dir_a: Path, dir_b: Path, k: int) -> dict:
     return out
 
 
-def engine(dir_a: Path, dir_b: Path, k: int, cache: Path) -> dict:
+def engine(dir_a: Path, dir_b: Path, k: int, cache: Path, device: str) -> dict:
     import opdgeom.geometry.compare as compare
 
     calls = {"n": 0}
@@ -137,7 +147,7 @@ def engine(dir_a: Path, dir_b: Path, k: int, cache: Path) -> dict:
         return real_spectrum(*args, **kwargs)
 
     compare.spectrum = counted  # count decompositions: a warm cache must need none
-    table = compare.compare_checkpoints(dir_a, dir_b, k=k, alpha=ALPHA, eta=ETA, cache=cache)
+    table = compare.compare_checkpoints(dir_a, dir_b, k=k, alpha=ALPHA, eta=ETA, cache=cache, device=device)
     out = {"__spectra__": {"count": calls["n"]}}
     for row in table.iter_rows(named=True):
         out.setdefault(row["tensor"], {})[row["metric"]] = row["value"]
@@ -149,7 +159,7 @@ def child(args: argparse.Namespace) -> None:
     if args.mode == "naive":
         values = naive(args.dir_a, args.dir_b, args.k)
     else:
-        values = engine(args.dir_a, args.dir_b, args.k, args.cache)
+        values = engine(args.dir_a, args.dir_b, args.k, args.cache, args.device)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_gb": peak_rss_gb(), "values": values}))
 
@@ -166,9 +176,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_mode(mode: str, dir_a: Path, dir_b: Path, k: int, cache: Path) -> dict:
+def run_mode(mode: str, dir_a: Path, dir_b: Path, k: int, cache: Path, device: str) -> dict:
     cmd = [sys.executable, __file__, "--mode", mode, "--dir-a", str(dir_a), "--dir-b", str(dir_b)]
-    cmd += ["--k", str(k), "--cache", str(cache)]
+    cmd += ["--k", str(k), "--cache", str(cache), "--device", device]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -190,6 +200,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the synthetic pair goes (default: temp)")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--scale", type=int, default=1, help="divide every matrix dimension (quick check only)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine's spectra run")
+    parser.add_argument("--build-device", default="cpu", help="where the synthetic matrices are drawn")
+    parser.add_argument("--engine-modes", default="cold,second,warm", help="engine runs to time, in order")
     parser.add_argument("--mode", choices=["naive", "engine"], help=argparse.SUPPRESS)
     parser.add_argument("--dir-a", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dir-b", type=Path, help=argparse.SUPPRESS)
@@ -201,23 +214,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        dir_a, dir_b, dir_c = build_pair(tmp, args.layers, scale=args.scale)
+        dir_a, dir_b, dir_c = build_pair(tmp, args.layers, scale=args.scale, device=args.build_device)
         size_gb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2**30
-        print(f"synthetic pair: {args.layers} layer(s), {size_gb:.2f} GiB on disk, built in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"synthetic pair: {args.layers} layer(s), {size_gb:.2f} GiB on disk, built in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
         results = {}
-        modes = [("engine_cold", "engine", dir_b), ("engine_second", "engine", dir_c), ("engine_warm", "engine", dir_b)]
+        tuned = {"cold": dir_b, "second": dir_c, "warm": dir_b}
+        wanted = args.engine_modes.split(",")
+        if wanted[0] != "cold" or not set(wanted) <= set(tuned):
+            parser.error("--engine-modes: cold first, then any of second, warm")
+        modes = [(f"engine_{name}", "engine", tuned[name]) for name in wanted]
         if not args.skip_naive:
             modes.insert(0, ("naive", "naive", dir_b))
-        for label, mode, tuned in modes:
-            results[label] = run_mode(mode, dir_a, tuned, args.k, tmp / "cache")
+        for label, mode, tuned_dir in modes:
+            results[label] = run_mode(mode, dir_a, tuned_dir, args.k, tmp / "cache", args.device)
             spectra = results[label]["values"].pop("__spectra__", {}).get("count", "-")
             print(
                 f"{label:13s} {results[label]['seconds']:8.1f} s   peak RSS {results[label]['peak_gb']:.2f} GiB"
-                f"   spectral decompositions {spectra}"
+                f"   spectral decompositions {spectra}",
+                flush=True,
             )
-        cold, second, warm = results["engine_cold"], results["engine_second"], results["engine_warm"]
-        print(f"second tuned checkpoint (base cached) speed-up over cold: {cold['seconds'] / second['seconds']:.1f}x")
-        print(f"warm cache speed-up over cold: {cold['seconds'] / warm['seconds']:.1f}x")
+        cold, second, warm = (results.get(f"engine_{name}") for name in ("cold", "second", "warm"))
+        if second:
+            print(f"second tuned checkpoint (base cached) speed-up over cold: {cold['seconds'] / second['seconds']:.1f}x")
+        if warm:
+            print(f"warm cache speed-up over cold: {cold['seconds'] / warm['seconds']:.1f}x")
         if "naive" in results:
             base = results["naive"]
             shared = base["seconds"] - base["values"].pop("__naive__")["right_angle_seconds"]
@@ -226,7 +249,8 @@ def main() -> None:
                 f"  (over a naive run sharing one SVD pair between left and right angles, {shared:.1f} s:"
                 f" {shared / cold['seconds']:.1f}x)"
             )
-            print(f"engine warm speed-up over naive: {base['seconds'] / warm['seconds']:.1f}x")
+            if warm:
+                print(f"engine warm speed-up over naive: {base['seconds'] / warm['seconds']:.1f}x")
             print(f"peak memory naive / engine: {base['peak_gb'] / cold['peak_gb']:.1f}x")
             for metric, relative in (
                 ("spectral_shift", True),
@@ -237,12 +261,14 @@ def main() -> None:
             ):
                 gap = worst_gap(base["values"], cold["values"], metric, relative)
                 print(f"naive float32 vs engine float64, worst {'relative' if relative else 'absolute'} gap in {metric}: {gap:.3g}")
-        same = all(
-            cold["values"][t][m] == warm["values"][t][m] or (math.isnan(cold["values"][t][m]) and math.isnan(warm["values"][t][m]))
-            for t in cold["values"]
-            for m in cold["values"][t]
-        )
-        print(f"warm results identical to cold: {same}")
+        if warm:
+            same = all(
+                cold["values"][t][m] == warm["values"][t][m]
+                or (math.isnan(cold["values"][t][m]) and math.isnan(warm["values"][t][m]))
+                for t in cold["values"]
+                for m in cold["values"][t]
+            )
+            print(f"warm results identical to cold: {same}")
         nss = [v["spectral_shift"] for v in cold["values"].values() if "spectral_shift" in v]
         angles = [v["principal_angle_left_max"] for v in cold["values"].values() if "principal_angle_left_max" in v]
         print(f"engine: NSS {min(nss):.2e}..{max(nss):.2e}, max left angle {min(angles):.3g}..{max(angles):.3g} deg")
