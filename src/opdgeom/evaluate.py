@@ -13,12 +13,13 @@ from opdgeom.rollout import HFEngine
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.train.batches import encode_prompt
+from opdgeom.train.distributed import local_device
 
 
 def accuracy(model_dir: str | Path, examples, task, max_new_tokens: int, batch_size: int) -> dict:
     """Greedy accuracy of one checkpoint; also the mean completion length in tokens."""
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir).eval()
+    model = load_model(model_dir, device=local_device()).eval()
     engine = HFEngine(model, tokenizer, batch_size=batch_size)
     rollouts = engine.sample([encode_prompt(tokenizer, e.prompt) for e in examples], max_new_tokens, 0.0, seed=0)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)

@@ -32,18 +32,26 @@ class World:
 SINGLE = World()
 
 
+def local_device(local_rank: int = 0) -> torch.device:
+    """This process's GPU when there is one (torchrun's LOCAL_RANK picks it), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
 def setup() -> World:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), if any.
+
+    One process trains on the GPU when there is one (a Slurm job granted --gpus=1), else on CPU.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return SINGLE
+        return World(device=local_device())
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device = local_device(local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     node = os.environ.get("SLURMD_NODENAME", "-")
