@@ -24,7 +24,9 @@ def top_halfwords(flat: torch.Tensor) -> torch.Tensor:
 
 
 def has_nonfinite(flat: torch.Tensor) -> bool:
-    """Whether any element is NaN or +-Inf (exponent bits all set)."""
+    """Whether any element is NaN or +-Inf: exponent bits all set (torch.isfinite for other dtypes)."""
+    if flat.dtype not in FLOAT_DTYPES:
+        return not bool(torch.isfinite(flat).all())
     mask = EXPONENT_MASK[flat.dtype]
     return bool(((top_halfwords(flat) & mask) == mask).any())
 

@@ -119,9 +119,7 @@ class BaseMasks:
 
 
 def _magnitude_chunks(w0_mn: torch.Tensor) -> Iterator[torch.Tensor]:
-    flat_n = w0_mn.detach().reshape(-1)
-    for start in range(0, flat_n.numel(), CHUNK_NUMEL):
-        yield flat_n[start : start + CHUNK_NUMEL].abs()
+    return (chunk.abs() for chunk in flat_chunks(w0_mn, CHUNK_NUMEL)())
 
 
 def base_masks(w0_mn: torch.Tensor, alpha: float, k: int, spectrum0: Spectrum | None = None) -> BaseMasks:

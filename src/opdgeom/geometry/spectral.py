@@ -71,8 +71,9 @@ def _tridiagonal_eigen(gram_rr: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     Overwrites ``gram_rr`` (passed transposed: symmetric, so the F-ordered view is the same matrix).
 
     LAPACK dsytrd dominates (2.8 s at r = 4096 on 2 idle cores); all eigenvalues of the
-    tridiagonal matrix (dsterf, 0.22 s; the default MRRR driver took 0.77 s), inverse iteration for k vectors and the back-transformation with the
-    Householder reflectors (dormqr, 0.2 s) are cheap. torch.linalg.eigh computed every
+    tridiagonal matrix (dsterf, 0.22 s; the default MRRR driver took 0.77 s), inverse iteration
+    for k vectors and the back-transformation with the Householder reflectors (dormqr, 0.2 s)
+    are cheap. torch.linalg.eigh computed every
     vector and took 17.7 s; scipy's two calls (values, then a subset) tridiagonalize twice.
     """
     r = gram_rr.shape[0]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from opdgeom.geometry.bits import FLOAT_DTYPES, has_nonfinite
+from opdgeom.geometry.bits import has_nonfinite
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -179,8 +179,7 @@ def check_finite(tensor: torch.Tensor, entry: TensorEntry) -> None:
         return
     flat_n = tensor.reshape(-1)
     for start in range(0, flat_n.numel(), FINITE_CHECK_NUMEL):
-        chunk_n = flat_n[start : start + FINITE_CHECK_NUMEL]
-        if has_nonfinite(chunk_n) if chunk_n.dtype in FLOAT_DTYPES else not bool(torch.isfinite(chunk_n).all()):
+        if has_nonfinite(flat_n[start : start + FINITE_CHECK_NUMEL]):
             raise CheckpointError(f"{entry.path}: tensor {entry.name} has non-finite values (NaN or Inf)")
 
 

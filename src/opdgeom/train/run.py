@@ -129,7 +129,10 @@ def train_run(
             raise ValueError(f"run {run['name']!r} asks for a projection but no reference checkpoints were given")
         p = run["projection"]
         projection = SubspaceProjection.from_reference(model, *projection_reference, p["rank"], p["mode"], world)
-    log(f"run {run['name']}: method={run['method']} init={init} examples={len(examples)} steps={run['train']['steps']} device={world.device} world={world.size}")
+    log(
+        f"run {run['name']}: method={run['method']} init={init} examples={len(examples)} "
+        f"steps={run['train']['steps']} device={world.device} world={world.size}"
+    )
     every, steps = run["train"]["checkpoint_every"], run["train"]["steps"]
     checkpoint_steps = sorted({*range(every, steps + 1, every), steps})
     records = train(model, tokenizer, method, run["train"], out_dir, checkpoint_steps, fp, projection, world)
