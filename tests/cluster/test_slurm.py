@@ -130,8 +130,11 @@ def test_training_spans_two_nodes(cluster, tmp_path, smoke):
     assert (fields["JobState"], fields["NumNodes"], fields["NodeList"]) == ("COMPLETED", "2", "n[1-2]")
 
     train_log = (results / "tiny-qwen3" / "logs" / "train" / "sft.log").read_text()
-    ranks = sorted(re.findall(r"^rank (\d)/2 on \S+ \(Slurm node (n\d)\)", train_log, re.M))
-    assert ranks == [("0", "n1"), ("1", "n2")], train_log[-3000:]
+    # The c10d rendezvous numbers ranks in the order the nodes' agents join, so which node holds
+    # rank 0 varies from run to run; what must hold is one rank on each node.
+    placed = re.findall(r"^rank (\d)/2 on \S+ \(Slurm node (n\d)\)", train_log, re.M)
+    ranks, nodes = (sorted(column) for column in zip(*placed)) if placed else ([], [])
+    assert (ranks, nodes) == (["0", "1"], ["n1", "n2"]), train_log[-3000:]
     two_nodes = torch.load(run / "trainer_state.pt", weights_only=False)["model"]
     one_process = torch.load(smoke / "runs" / "sft" / "trainer_state.pt", weights_only=False)["model"]
     init = load_file(smoke / "models" / "student" / "model.safetensors")
