@@ -63,6 +63,7 @@ import pytest  # noqa: E402
 
 from opdgeom.geometry import (  # noqa: E402
     StatCache,
+    bf16_sparsity,
     compare_checkpoints,
     mask_overlap,
     principal_angles,
@@ -99,6 +100,8 @@ def test_compare_checkpoints_matches_the_metric_functions(tmp_path):
     right = principal_angles(w0, w1, 4, side="right")
     assert got["principal_angle_left_max"] == pytest.approx(float(left.max()), rel=1e-9)
     assert got["principal_angle_right_mean"] == pytest.approx(float(right.mean()), rel=1e-9)
+    assert got["bf16_sparsity"] == bf16_sparsity(w0, w1)  # counted in the overlap pass for these
+    assert 0.0 < got["bf16_sparsity"] < 1.0
     overlap = mask_overlap(w0, w1, 0.1, 4)
     assert got["mask_overlap_principal"] == overlap["principal"]
     assert got["mask_overlap_low_magnitude"] == overlap["low_magnitude"]

@@ -16,7 +16,7 @@ import polars as pl
 import torch
 
 from opdgeom.geometry.cache import StatCache, tensor_digest
-from opdgeom.geometry.metrics import BaseMasks, base_masks, mask_overlap, unchanged_count, update_norms
+from opdgeom.geometry.metrics import BaseMasks, base_masks, overlap_counts, unchanged_count, update_norms
 from opdgeom.geometry.spectral import Spectrum, angles_between, normalized_shift, spectrum
 from opdgeom.geometry.stream import TensorInfo, iter_tensor_pairs
 
@@ -120,7 +120,8 @@ def cached_base_masks(
     return BaseMasks.from_dict(stats)
 
 
-def _spectral_rows(name: str, info: TensorInfo, w0_mn, w1_mn, k, alpha, eta, cache, device) -> list[dict]:
+def _spectral_values(w0_mn, w1_mn, k, alpha, eta, cache, device) -> tuple[dict[str, float], int]:
+    """The spectral metrics of one matrix pair, and its number of changed entries (from the same pass)."""
     k_eff = min(k, *w0_mn.shape)
     digest0 = tensor_digest(w0_mn) if cache is not None else None
     s0 = cached_spectrum(w0_mn, k_eff, cache, device, digest0)
@@ -130,11 +131,11 @@ def _spectral_rows(name: str, info: TensorInfo, w0_mn, w1_mn, k, alpha, eta, cac
         theta_k = angles_between(a_k, b_k)
         values[f"principal_angle_{side}_max"] = float(theta_k.max())
         values[f"principal_angle_{side}_mean"] = float(theta_k.mean())
-    masks0 = cached_base_masks(w0_mn, alpha, k_eff, s0, cache, digest0)
-    overlap = mask_overlap(w0_mn, w1_mn, alpha, k_eff, eta, spectrum0=s0, masks0=masks0)
+    counts = overlap_counts(w0_mn, w1_mn, eta, cached_base_masks(w0_mn, alpha, k_eff, s0, cache, digest0))
+    overlap = counts.fractions()
     values["mask_overlap_principal"] = overlap["principal"]
     values["mask_overlap_low_magnitude"] = overlap["low_magnitude"]
-    return [_row(name, info, metric, w0_mn.numel(), value) for metric, value in values.items()]
+    return values, counts.changed
 
 
 def compare_checkpoints(
@@ -163,14 +164,21 @@ def compare_checkpoints(
     tally = SparsityTally()
     for pair in iter_tensor_pairs(dir_a, dir_b):
         parameters = pair.w0.numel()
-        unchanged = unchanged_count(pair.w0, pair.w1, eta)
-        tally.add(pair.info, unchanged, parameters)
-        delta_norm, base_norm = update_norms(pair.w0, pair.w1)
-        rows.append(_row(pair.name, pair.info, SPARSITY, parameters, unchanged / parameters))
-        rows.append(_row(pair.name, pair.info, "update_frobenius_norm", parameters, delta_norm))
-        relative = delta_norm / base_norm if base_norm > 0 else float("nan")
-        rows.append(_row(pair.name, pair.info, "relative_update_norm", parameters, relative))
+        spectral = {}
         if pair.info.kind in spectral_kinds and pair.w0.dim() == 2:
             LOG.info("spectra of %s %s", pair.name, tuple(pair.w0.shape))
-            rows.extend(_spectral_rows(pair.name, pair.info, pair.w0, pair.w1, k, alpha, eta, cache, device))
+            spectral, changed = _spectral_values(pair.w0, pair.w1, k, alpha, eta, cache, device)
+            unchanged = parameters - changed
+        else:
+            unchanged = unchanged_count(pair.w0, pair.w1, eta)
+        tally.add(pair.info, unchanged, parameters)
+        delta_norm, base_norm = update_norms(pair.w0, pair.w1)
+        relative = delta_norm / base_norm if base_norm > 0 else float("nan")
+        values = {
+            SPARSITY: unchanged / parameters,
+            "update_frobenius_norm": delta_norm,
+            "relative_update_norm": relative,
+            **spectral,
+        }
+        rows.extend(_row(pair.name, pair.info, metric, parameters, value) for metric, value in values.items())
     return frame(rows + tally.rows())

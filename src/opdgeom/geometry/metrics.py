@@ -139,6 +139,39 @@ def base_masks(w0_mn: torch.Tensor, alpha: float, k: int, spectrum0: Spectrum | 
     )
 
 
+@dataclass(frozen=True)
+class OverlapCounts:
+    """Entries of the update mask M (``changed``) and of M inside W0's two localization masks."""
+
+    changed: int
+    principal: int
+    low_magnitude: int
+
+    def fractions(self) -> dict[str, float]:
+        if self.changed == 0:
+            return {"principal": float("nan"), "low_magnitude": float("nan")}
+        return {"principal": self.principal / self.changed, "low_magnitude": self.low_magnitude / self.changed}
+
+
+def overlap_counts(w0_mn: torch.Tensor, w1_mn: torch.Tensor, eta: float, masks0: BaseMasks) -> OverlapCounts:
+    """One chunked pass over the pair: |M|, |M_principal & M| and |M_low & M| given W0's masks.
+
+    ``changed`` is numel minus unchanged_count, so a caller that wants both sparsity and the
+    overlaps makes one pass, not two.
+    """
+    _check_pair(w0_mn, w1_mn, eta)
+    a_n, b_n = w0_mn.detach().reshape(-1), w1_mn.detach().reshape(-1)
+    changed = hits_principal = hits_low = 0
+    low_chunks = selection_masks(_magnitude_chunks(w0_mn), masks0.low_magnitude)
+    for start, low_b in zip(range(0, a_n.numel(), CHUNK_NUMEL), low_chunks):
+        stop = min(start + CHUNK_NUMEL, a_n.numel())
+        changed_b = torch.logical_not(_unchanged_mask(a_n[start:stop], b_n[start:stop], eta))
+        changed += int(torch.count_nonzero(changed_b))
+        hits_principal += int(torch.count_nonzero(masks0.principal(start, stop) & changed_b))
+        hits_low += int(torch.count_nonzero(low_b & changed_b))
+    return OverlapCounts(changed, hits_principal, hits_low)
+
+
 def mask_overlap(
     w0_mn: torch.Tensor,
     w1_mn: torch.Tensor,
@@ -165,18 +198,7 @@ def mask_overlap(
     if masks0 is None and unchanged_count(w0_mn, w1_mn, eta) == w0_mn.numel():
         return {"principal": float("nan"), "low_magnitude": float("nan")}  # no spectrum for nothing
     masks = masks0 if masks0 is not None else base_masks(w0_mn, alpha, k, spectrum0)
-    a_n, b_n = w0_mn.detach().reshape(-1), w1_mn.detach().reshape(-1)
-    changed = hits_principal = hits_low = 0
-    low_chunks = selection_masks(_magnitude_chunks(w0_mn), masks.low_magnitude)
-    for start, low_b in zip(range(0, a_n.numel(), CHUNK_NUMEL), low_chunks):
-        stop = min(start + CHUNK_NUMEL, a_n.numel())
-        changed_b = torch.logical_not(_unchanged_mask(a_n[start:stop], b_n[start:stop], eta))
-        changed += int(torch.count_nonzero(changed_b))
-        hits_principal += int(torch.count_nonzero(masks.principal(start, stop) & changed_b))
-        hits_low += int(torch.count_nonzero(low_b & changed_b))
-    if changed == 0:
-        return {"principal": float("nan"), "low_magnitude": float("nan")}
-    return {"principal": hits_principal / changed, "low_magnitude": hits_low / changed}
+    return overlap_counts(w0_mn, w1_mn, eta, masks).fractions()
 
 
 def update_norms(w0: torch.Tensor, w1: torch.Tensor) -> tuple[float, float]:

@@ -96,22 +96,20 @@ def full_tensor(value):
     return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
-def full_model_state(model, world: World) -> dict[str, torch.Tensor]:
-    """The whole model's weights on CPU (gathered from every rank under FSDP)."""
+def full_model_state(model, world: World, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's weights, gathered from every rank under FSDP.
+
+    By default on the CPU, and under FSDP only rank 0 gets them (the others an empty dict): what a
+    checkpoint needs. ``everywhere`` keeps them on the training device on every rank instead: what
+    a replicated copy (the lagged behaviour policy) needs.
+    """
     if world.size == 1:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        return state if everywhere else {k: v.detach().cpu() for k, v in state.items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def replicated_model_state(model, world: World) -> dict[str, torch.Tensor]:
-    """The whole model's weights on every rank, on the training device (for a replicated copy)."""
-    if world.size == 1:
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    return get_model_state_dict(model, options=options)
 
 
 def full_optimizer_state(model, optimizer, world: World) -> dict:

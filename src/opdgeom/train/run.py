@@ -12,7 +12,7 @@ from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.train.loop import STATE_FILE, log, train, write_manifest
 from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
-from opdgeom.train.distributed import SINGLE, World, barrier, replicated_model_state, setup, shard, teardown
+from opdgeom.train.distributed import SINGLE, World, barrier, full_model_state, setup, shard, teardown
 from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
 from opdgeom.train.projection import SubspaceProjection
 
@@ -54,7 +54,7 @@ def make_behaviour(run: dict, model, init: Path, world: World):
         return OnPolicy()
     if spec["policy"] == "anchor":
         return FrozenPolicy(load_model(init, device=world.device))
-    return LaggedPolicy(model, spec["lag"], world.device, lambda policy: replicated_model_state(policy, world))
+    return LaggedPolicy(model, spec["lag"], world.device, lambda policy: full_model_state(policy, world, everywhere=True))
 
 
 def make_engine(settings: dict, init: Path, world: World):
