@@ -46,6 +46,13 @@ def _unchanged_mask_f64(a: torch.Tensor, b: torch.Tensor, eta: float) -> torch.T
     return torch.sub(a64, b64).abs_().le_(tol)  # out of place: a64 may alias a float64 input
 
 
+def _chunk_pairs(w0: torch.Tensor, w1: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(flat start, w0 chunk, w1 chunk) over both tensors' flattened entries, CHUNK_NUMEL at a time."""
+    a_n, b_n = w0.detach().reshape(-1), w1.detach().reshape(-1)
+    for start in range(0, a_n.numel(), CHUNK_NUMEL):
+        yield start, a_n[start : start + CHUNK_NUMEL], b_n[start : start + CHUNK_NUMEL]
+
+
 def _unchanged_mask(a: torch.Tensor, b: torch.Tensor, eta: float) -> torch.Tensor:
     if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and eta < BF16_EXACT_ETA:
         return a == b
@@ -59,13 +66,7 @@ def unchanged_count(w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3) -> in
     (parameter-weighted sparsity of a module type or of the whole model).
     """
     _check_pair(w0, w1, eta)
-    a_n = w0.detach().reshape(-1)
-    b_n = w1.detach().reshape(-1)
-    count = 0
-    for start in range(0, a_n.numel(), CHUNK_NUMEL):
-        stop = start + CHUNK_NUMEL
-        count += int(torch.count_nonzero(_unchanged_mask(a_n[start:stop], b_n[start:stop], eta)))
-    return count
+    return sum(int(torch.count_nonzero(_unchanged_mask(a_c, b_c, eta))) for _, a_c, b_c in _chunk_pairs(w0, w1))
 
 
 def bf16_sparsity(w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3) -> float:
@@ -84,12 +85,9 @@ def bf16_sparsity(w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3) -> floa
 def update_mask(w0: torch.Tensor, w1: torch.Tensor, eta: float = 1e-3) -> torch.Tensor:
     """Boolean mask of entries the update changed visibly (the complement of unchanged)."""
     _check_pair(w0, w1, eta)
-    a_n = w0.detach().reshape(-1)
-    b_n = w1.detach().reshape(-1)
-    mask_n = torch.empty(a_n.numel(), dtype=torch.bool)
-    for start in range(0, a_n.numel(), CHUNK_NUMEL):
-        stop = start + CHUNK_NUMEL
-        torch.logical_not(_unchanged_mask(a_n[start:stop], b_n[start:stop], eta), out=mask_n[start:stop])
+    mask_n = torch.empty(w0.numel(), dtype=torch.bool)
+    for start, a_c, b_c in _chunk_pairs(w0, w1):
+        torch.logical_not(_unchanged_mask(a_c, b_c, eta), out=mask_n[start : start + a_c.numel()])
     return mask_n.reshape(w0.shape)
 
 
@@ -160,14 +158,12 @@ def overlap_counts(w0_mn: torch.Tensor, w1_mn: torch.Tensor, eta: float, masks0:
     overlaps makes one pass, not two.
     """
     _check_pair(w0_mn, w1_mn, eta)
-    a_n, b_n = w0_mn.detach().reshape(-1), w1_mn.detach().reshape(-1)
     changed = hits_principal = hits_low = 0
     low_chunks = selection_masks(_magnitude_chunks(w0_mn), masks0.low_magnitude)
-    for start, low_b in zip(range(0, a_n.numel(), CHUNK_NUMEL), low_chunks):
-        stop = min(start + CHUNK_NUMEL, a_n.numel())
-        changed_b = torch.logical_not(_unchanged_mask(a_n[start:stop], b_n[start:stop], eta))
+    for (start, a_c, b_c), low_b in zip(_chunk_pairs(w0_mn, w1_mn), low_chunks):
+        changed_b = torch.logical_not(_unchanged_mask(a_c, b_c, eta))
         changed += int(torch.count_nonzero(changed_b))
-        hits_principal += int(torch.count_nonzero(masks0.principal(start, stop) & changed_b))
+        hits_principal += int(torch.count_nonzero(masks0.principal(start, start + a_c.numel()) & changed_b))
         hits_low += int(torch.count_nonzero(low_b & changed_b))
     return OverlapCounts(changed, hits_principal, hits_low)
 
@@ -211,13 +207,10 @@ def update_norms(w0: torch.Tensor, w1: torch.Tensor) -> tuple[float, float]:
     float32, are done in float64.
     """
     _check_pair(w0, w1, 0.0)
-    a_n = w0.detach().reshape(-1)
-    b_n = w1.detach().reshape(-1)
-    work = torch.float64 if torch.float64 in (a_n.dtype, b_n.dtype) else torch.float32
+    work = torch.float64 if torch.float64 in (w0.dtype, w1.dtype) else torch.float32
     delta_sq = 0.0
     base_sq = 0.0
-    for start in range(0, a_n.numel(), CHUNK_NUMEL):
-        a_c, b_c = a_n[start : start + CHUNK_NUMEL], b_n[start : start + CHUNK_NUMEL]
+    for _, a_c, b_c in _chunk_pairs(w0, w1):
         delta, base = _squared_norms(a_c, b_c, work)
         if not (math.isfinite(delta) and math.isfinite(base)):
             delta, base = _squared_norms(a_c, b_c, torch.float64)
