@@ -94,11 +94,8 @@ def test_invalid_inputs():
         unchanged_count(torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_update_norms_against_float64(dtype, monkeypatch):
-    import opdgeom.geometry.metrics as metrics
-
     monkeypatch.setattr(metrics, "CHUNK_NUMEL", 1000)  # several chunks
     rng = np.random.default_rng(11)
     w0 = torch.from_numpy(0.02 * rng.standard_normal((61, 77))).to(dtype)
@@ -112,6 +109,7 @@ def test_update_norms_against_float64(dtype, monkeypatch):
     got = update_norms(huge0, huge1)  # squares overflow float32: that chunk is redone in float64
     want = (huge1.double() - huge0.double()).norm().item(), huge0.double().norm().item()
     assert got == pytest.approx(want, rel=1e-12)
+
 
 # ---------------------------------------------------------------- spectral metrics vs float64 numpy/scipy
 
@@ -273,8 +271,6 @@ def test_select_rejects_bad_input():
 
 def test_mask_overlap_row_blocks_match_one_block(monkeypatch):
     """The chunked sweep (several row blocks, ties across blocks) equals a single-block pass."""
-    import opdgeom.geometry.metrics as metrics
-
     w0, w1 = small_update_pair("power_law", (90, 70), rel=3e-2, seed=5)
     w0_t, w1_t = torch.from_numpy(w0).to(torch.bfloat16), torch.from_numpy(w1).to(torch.bfloat16)
     whole = mask_overlap(w0_t, w1_t, 0.1, 5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -54,7 +55,8 @@ def make_behaviour(run: dict, model, init: Path, world: World):
         return OnPolicy()
     if spec["policy"] == "anchor":
         return FrozenPolicy(load_model(init, device=world.device))
-    return LaggedPolicy(model, spec["lag"], world.device, lambda policy: full_model_state(policy, world, everywhere=True))
+    gathered = functools.partial(full_model_state, world=world, everywhere=True)  # whole, on every rank
+    return LaggedPolicy(model, spec["lag"], world.device, gathered)
 
 
 def make_engine(settings: dict, init: Path, world: World):
