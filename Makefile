@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test test-main test-vllm smoke dry-run lint clean
+.PHONY: run test test-main test-vllm smoke dry-run lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ test: test-main test-vllm  ## everything CI runs: the main suite, then the vLLM 
 
 # One torch thread per test process: on a 2-core machine with several processes at once, more
 # threads only fight (a tiny training step went from 0.05 s to 5 s under load).
-test-main: $(BIN)/.installed  ## unit, training, distributed, workflow and Slurm tests
+test-main: lint  ## lint, then unit, training, distributed, workflow and Slurm tests
 	OMP_NUM_THREADS=1 pytest
 
 $(VLLM_VENV)/.installed: pyproject.toml scripts/vllm_env.sh
@@ -39,8 +39,17 @@ smoke: $(BIN)/.installed  ## the smoke study only (~2 minutes)
 dry-run: $(BIN)/.installed
 	snakemake -n all
 
-lint: $(BIN)/.installed
+LINTED := src tests benchmarks scripts
+lint: $(BIN)/.installed  ## ruff (format + lint), snakefmt and snakemake --lint; `make format` fixes the first three
+	ruff format --check $(LINTED)
+	ruff check $(LINTED)
+	snakefmt --check Snakefile workflow
 	snakemake --lint
+
+format: $(BIN)/.installed
+	ruff format $(LINTED)
+	ruff check --fix $(LINTED)
+	snakefmt Snakefile workflow
 
 clean:
 	rm -rf results .snakemake $(VLLM_VENV)

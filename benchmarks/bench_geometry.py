@@ -217,7 +217,8 @@ def main() -> None:
         dir_a, dir_b, dir_c = build_pair(tmp, args.layers, scale=args.scale, device=args.build_device)
         size_gb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2**30
         print(
-            f"synthetic pair: {args.layers} layer(s), {size_gb:.2f} GiB on disk, built in {time.perf_counter() - t0:.0f} s",
+            f"synthetic pair: {args.layers} layer(s), {size_gb:.2f} GiB on disk, "
+            f"built in {time.perf_counter() - t0:.0f} s",
             flush=True,
         )
         results = {}
@@ -238,7 +239,9 @@ def main() -> None:
             )
         cold, second, warm = (results.get(f"engine_{name}") for name in ("cold", "second", "warm"))
         if second:
-            print(f"second tuned checkpoint (base cached) speed-up over cold: {cold['seconds'] / second['seconds']:.1f}x")
+            print(
+                f"second tuned checkpoint (base cached) speed-up over cold: {cold['seconds'] / second['seconds']:.1f}x"
+            )
         if warm:
             print(f"warm cache speed-up over cold: {cold['seconds'] / warm['seconds']:.1f}x")
         if "naive" in results:
@@ -260,7 +263,8 @@ def main() -> None:
                 ("mask_overlap_principal", False),
             ):
                 gap = worst_gap(base["values"], cold["values"], metric, relative)
-                print(f"naive float32 vs engine float64, worst {'relative' if relative else 'absolute'} gap in {metric}: {gap:.3g}")
+                kind = "relative" if relative else "absolute"
+                print(f"naive float32 vs engine float64, worst {kind} gap in {metric}: {gap:.3g}")
         if warm:
             same = all(
                 cold["values"][t][m] == warm["values"][t][m]

@@ -4,6 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from opdgeom.models import build_model, save_model
+from opdgeom.tasks import MathTask, split, write_jsonl
+from opdgeom.tokenizer import build_char_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
 
 # Jobs call `python -m opdgeom`: make that the interpreter running the tests, however pytest was started.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(sys.executable)), os.environ["PATH"]])
@@ -33,3 +38,26 @@ def smoke(tmp_path_factory) -> Path:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return results / "tiny-qwen3"
+
+
+# Training tests share these: a one-layer Qwen3 and settings that run a method in seconds.
+TINY = {
+    "source": "build", "architecture": "qwen3", "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 32,
+}  # fmt: skip
+SETTINGS = {
+    "steps": 6, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 1, "grad_clip": 1.0,
+    "checkpoint_every": 3, "max_new_tokens": 8, "temperature": 1.0, "group_size": 2,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A one-layer student init, a teacher and math training data (one set per test module)."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = build_char_tokenizer()
+    save_model(build_model(TINY, tok, seed=0), tok, root / "init")
+    save_model(build_model(TINY, tok, seed=1), tok, root / "teacher")
+    train, _ = split(MathTask(), 64, 8, seed=0)
+    write_jsonl(root / "train.jsonl", train)
+    return {"init": root / "init", "teacher": root / "teacher", "data": root / "train.jsonl"}

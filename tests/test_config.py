@@ -46,8 +46,10 @@ def test_default_config_plans_the_study():
         (lambda c: c.update(colour="blue"), "'colour' was unexpected"),
         (lambda c: c["data"].update(domain="chess"), "data.domain: unknown domain 'chess'"),
         (lambda c: c.update(family_overrides={"pretrain": {"steps": -1}}), "pretrain.steps"),
-        (lambda c: c.update(family="qwen3-8b", family_overrides={"models": {"student": {"revision": "main"}}}),
-         "models.student"),
+        (
+            lambda c: c.update(family="qwen3-8b", family_overrides={"models": {"student": {"revision": "main"}}}),
+            "models.student",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(mutate, expected):
@@ -71,7 +73,11 @@ def test_unknown_teacher_is_named():
 
 def test_duplicate_and_cyclic_runs_are_rejected():
     with pytest.raises(ConfigError, match="used twice"):
-        study(with_runs({"name": "a", "method": "sft", "init": "student"}, {"name": "a", "method": "sft", "init": "student"}))
+        study(
+            with_runs(
+                {"name": "a", "method": "sft", "init": "student"}, {"name": "a", "method": "sft", "init": "student"}
+            )
+        )
     with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
         study(with_runs({"name": "a", "method": "sft", "init": "b"}, {"name": "b", "method": "sft", "init": "a"}))
 

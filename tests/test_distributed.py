@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import SETTINGS, tiny  # noqa: F401  (module fixture: tiny init/teacher/data)
+from conftest import SETTINGS
 
 pytestmark = pytest.mark.distributed
 

@@ -37,8 +37,12 @@ TRAJECTORY_METRICS = ["frobenius_norm", "stable_rank", "tail_index", "subspace_s
 
 
 def _value(rng, metric: str) -> float:
-    if metric in ("bf16_sparsity", "mask_overlap_principal", "mask_overlap_low_magnitude",
-                  "subspace_similarity_to_final"):
+    if metric in (
+        "bf16_sparsity",
+        "mask_overlap_principal",
+        "mask_overlap_low_magnitude",
+        "subspace_similarity_to_final",
+    ):
         return float(rng.uniform(0.01, 0.99))
     if metric.startswith("principal_angle"):
         return float(rng.uniform(0.01, 30.0))
@@ -85,13 +89,27 @@ def comparison(tmp_path):
                     rows.append(_geometry_row(run, 100, layer, module, metric, value))
         # things every figure must leave out: a norm vector, the embedding, and the aggregates
         rows.append(_geometry_row(run, 100, 0, "input_layernorm", "bf16_sparsity", 0.0, kind="vector", parameters=4))
-        rows.append(_geometry_row(run, 100, None, "embed_tokens", "spectral_shift", 1e3, kind="embedding",
-                                  tensor="model.embed_tokens.weight", parameters=64))
+        rows.append(
+            _geometry_row(
+                run,
+                100,
+                None,
+                "embed_tokens",
+                "spectral_shift",
+                1e3,
+                kind="embedding",
+                tensor="model.embed_tokens.weight",
+                parameters=64,
+            )
+        )
         sparsity = {"all:matrix": float(rng.uniform(0.1, 0.9)), "all:vector": 0.5, "module:q_proj": 0.3}
         truth[(run, "all:matrix")] = sparsity["all:matrix"]
         for tensor, value in sparsity.items():
-            rows.append(_geometry_row(run, 100, None, None, "bf16_sparsity", value, kind="matrix", tensor=tensor,
-                                      parameters=1000))
+            rows.append(
+                _geometry_row(
+                    run, 100, None, None, "bf16_sparsity", value, kind="matrix", tensor=tensor, parameters=1000
+                )
+            )
         paths.append(_write(rows, tmp_path / f"compare_{run}.parquet"))
     return paths, truth
 
@@ -112,8 +130,18 @@ def trajectory(tmp_path):
                             value = math.nan  # too few singular values: the figure must skip it
                         truth[(run, metric, step, layer, module)] = value
                         rows.append(_geometry_row(run, step, layer, module, metric, value))
-            rows.append(_geometry_row(run, step, None, "embed_tokens", "frobenius_norm", 1e6, kind="embedding",
-                                      tensor="model.embed_tokens.weight"))
+            rows.append(
+                _geometry_row(
+                    run,
+                    step,
+                    None,
+                    "embed_tokens",
+                    "frobenius_norm",
+                    1e6,
+                    kind="embedding",
+                    tensor="model.embed_tokens.weight",
+                )
+            )
         paths.append(_write(rows, tmp_path / f"trajectory_{run}.parquet"))
     return paths, truth
 
@@ -129,8 +157,17 @@ def evaluations(tmp_path):
         for step in steps:
             acc = float(rng.uniform(0, 1))
             truth[(ref, step)] = acc
-            rows.append({"ref": ref, "step": step, "tokens": step * 1000, "domain": "math", "accuracy": acc,
-                         "n": 64, "mean_completion_tokens": 12.5})
+            rows.append(
+                {
+                    "ref": ref,
+                    "step": step,
+                    "tokens": step * 1000,
+                    "domain": "math",
+                    "accuracy": acc,
+                    "n": 64,
+                    "mean_completion_tokens": 12.5,
+                }
+            )
         path = tmp_path / f"eval_{ref}.parquet"
         pl.DataFrame(rows).write_parquet(path)
         paths.append(path)
@@ -214,7 +251,7 @@ def test_localization_density_and_weighted_overlaps(comparison, tmp_path):
         density = csv.filter(pl.col("run") == run, pl.col("metric") == "update_density")
         assert density["value"][0] == pytest.approx(1 - truth[(run, "all:matrix")])
         for metric in ("mask_overlap_principal", "mask_overlap_low_magnitude"):
-            expected = sum(truth[(run, metric, l, m)] * PARAMS[m] for l in LAYERS for m in MODULES) / total
+            expected = sum(truth[(run, metric, layer, m)] * PARAMS[m] for layer in LAYERS for m in MODULES) / total
             got = csv.filter(pl.col("run") == run, pl.col("metric") == metric)
             assert got["value"][0] == pytest.approx(expected)
             assert got["baseline"][0] == pytest.approx(0.05)
@@ -267,7 +304,7 @@ def test_trajectory_figures_summarise_matrices_per_step(trajectory, tmp_path, na
         line = csv.filter(pl.col("run") == run)
         assert line["step"].to_list() == STEPS
         for step, value in zip(line["step"], line["value"]):
-            values = [truth[(run, metric, step, l, m)] for l in LAYERS for m in MODULES]
+            values = [truth[(run, metric, step, layer, m)] for layer in LAYERS for m in MODULES]
             if summary == "median":
                 expected = _median(values)
             else:
@@ -286,7 +323,9 @@ def test_control_figures_draw_only_their_runs(trajectory, tmp_path, name):
     csv = _check_outputs(prefix)
     assert csv["run"].unique(maintain_order=True).to_list() == runs
     got = csv.filter(pl.col("run") == runs[-1], pl.col("step") == 20)["value"][0]
-    assert got == pytest.approx(_median([truth[(runs[-1], "stable_rank", 20, l, m)] for l in LAYERS for m in MODULES]))
+    assert got == pytest.approx(
+        _median([truth[(runs[-1], "stable_rank", 20, layer, m)] for layer in LAYERS for m in MODULES])
+    )
 
 
 def test_fig7_shares_fig4a_implementation():
@@ -379,8 +418,12 @@ def test_missing_metric_is_named(comparison, tmp_path, name, metric, options):
 @pytest.mark.parametrize("name", ["fig4a", "fig4b", "fig4c", "fig5"])
 def test_missing_trajectory_metric_is_named(trajectory, tmp_path, name):
     paths, _ = trajectory
-    metric = {"fig4a": "stable_rank", "fig4b": "frobenius_norm", "fig4c": "tail_index",
-              "fig5": "subspace_similarity_to_final"}[name]
+    metric = {
+        "fig4a": "stable_rank",
+        "fig4b": "frobenius_norm",
+        "fig4c": "tail_index",
+        "fig5": "subspace_similarity_to_final",
+    }[name]
     with pytest.raises(ValueError, match=metric):
         FIGURES[name](_without_metric(paths, metric, tmp_path), tmp_path / name, methods=METHODS, dpi=DPI)
 
@@ -434,8 +477,11 @@ def test_captions_are_valid_rst(repo):
     core = pytest.importorskip("docutils.core")
     for caption in sorted((repo / "workflow" / "report").glob("*.rst")):
         warnings = io.StringIO()
-        core.publish_string(caption.read_text(), writer="null",
-                            settings_overrides={"warning_stream": warnings, "report_level": 1, "halt_level": 5})
+        core.publish_string(
+            caption.read_text(),
+            writer="null",
+            settings_overrides={"warning_stream": warnings, "report_level": 1, "halt_level": 5},
+        )
         assert not warnings.getvalue(), f"{caption}: {warnings.getvalue()}"
 
 

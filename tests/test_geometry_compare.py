@@ -2,10 +2,10 @@
 
 import polars as pl
 import torch
+from test_geometry_stream import tiny_state, write_model
 
 from opdgeom.geometry.compare import SCHEMA, sparsity_table
 from opdgeom.geometry.metrics import unchanged_count
-from test_geometry_stream import tiny_state, write_model
 
 
 def updated_state(state: dict[str, torch.Tensor], seed: int = 5) -> dict[str, torch.Tensor]:
@@ -35,7 +35,12 @@ def test_sparsity_table(tmp_path):
 
     aggregates = {row["tensor"]: row for row in table.filter(pl.col("tensor").str.contains(":")).iter_rows(named=True)}
     assert set(aggregates) == {
-        "module:q_proj", "module:gate_proj", "all:matrix", "all:embedding", "all:lm_head", "all:vector",
+        "module:q_proj",
+        "module:gate_proj",
+        "all:matrix",
+        "all:embedding",
+        "all:lm_head",
+        "all:vector",
     }
     for key, names in {
         "module:gate_proj": [f"model.layers.{i}.mlp.gate_proj.weight" for i in range(2)],
@@ -155,7 +160,9 @@ def test_trajectory_table(tmp_path):
     assert set(vector["metric"]) == {"frobenius_norm"}
     name = "model.layers.0.mlp.down_proj.weight"
     for step in (10, 20):
-        got = dict(table.filter((pl.col("tensor") == name) & (pl.col("step") == step)).select("metric", "value").iter_rows())
+        got = dict(
+            table.filter((pl.col("tensor") == name) & (pl.col("step") == step)).select("metric", "value").iter_rows()
+        )
         dw = (steps[step][name] - base[name]).numpy()
         s = np.linalg.svd(dw, compute_uv=False)
         assert got["frobenius_norm"] == pytest.approx(np.linalg.norm(dw), rel=1e-12)
@@ -169,7 +176,9 @@ def test_trajectory_table(tmp_path):
     cache = StatCache(tmp_path / "cache")
     table = trajectory_table(dirs, K=4, cache=cache)
     assert cache.misses == 4 and trajectory_table(dirs, K=4, cache=cache).equals(table) and cache.hits == 4
-    got = table.filter((pl.col("tensor") == name) & (pl.col("step") == 10) & (pl.col("metric") == "subspace_similarity_to_final"))
+    got = table.filter(
+        (pl.col("tensor") == name) & (pl.col("step") == 10) & (pl.col("metric") == "subspace_similarity_to_final")
+    )
     _, _, vt10 = np.linalg.svd((noisy[10][name] - base[name]).numpy())
     _, _, vt20 = np.linalg.svd((steps[20][name] - base[name]).numpy())
     expected = np.linalg.norm(vt10[:4] @ vt20[:4].T) ** 2 / 4

@@ -288,7 +288,7 @@ def test_mask_overlap_row_blocks_match_one_block(monkeypatch):
 def test_mask_overlap_against_numpy(dtype):
     w0, w1 = small_update_pair("power_law", (90, 70), rel=3e-2, seed=4)
     w0_t, w1_t = torch.from_numpy(w0).to(dtype), torch.from_numpy(w1).to(dtype)
-    a, b = w0_t.double().numpy(), w1_t.double().numpy()
+    a = w0_t.double().numpy()
     alpha, k = 0.1, 5
     changed = ~reference_unchanged(w0_t, w1_t, 1e-3)
     u, s, vt = np.linalg.svd(a, full_matrices=False)

@@ -193,7 +193,7 @@ def test_generic_corpus_is_ascii_deterministic_and_not_the_task_format():
 
 
 def test_jsonl_round_trip_is_atomic(tmp_path):
-    examples = MathTask().generate(20, seed=0) + [Example("Q: é \"x\"\nA: ", "a\n#### 1", "1")]
+    examples = MathTask().generate(20, seed=0) + [Example('Q: é "x"\nA: ', "a\n#### 1", "1")]
     path = tmp_path / "sub" / "train.jsonl"
     write_jsonl(path, examples)
     assert read_jsonl(path) == examples

@@ -12,32 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opdgeom.models import build_model, load_model, save_model
-from opdgeom.tasks import MathTask, split, write_jsonl
-from opdgeom.tokenizer import build_char_tokenizer
+from opdgeom.models import load_model
 from opdgeom.train.loop import NonFiniteError, read_manifest
 from opdgeom.train.projection import SubspaceProjection
 from opdgeom.train.run import train_run
 
-TINY = {
-    "source": "build", "architecture": "qwen3", "hidden_size": 32, "intermediate_size": 64,
-    "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 32,
-}  # fmt: skip
-SETTINGS = {
-    "steps": 6, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 1, "grad_clip": 1.0,
-    "checkpoint_every": 3, "max_new_tokens": 8, "temperature": 1.0, "group_size": 2,
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("tiny")
-    tok = build_char_tokenizer()
-    save_model(build_model(TINY, tok, seed=0), tok, root / "init")
-    save_model(build_model(TINY, tok, seed=1), tok, root / "teacher")
-    train, _ = split(MathTask(), 64, 8, seed=0)
-    write_jsonl(root / "train.jsonl", train)
-    return {"init": root / "init", "teacher": root / "teacher", "data": root / "train.jsonl"}
+from conftest import SETTINGS
 
 
 def run_spec(method="opd", **options) -> dict:

@@ -4,7 +4,6 @@ end to end (real tiny models, real training, real safetensors checkpoints)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import polars as pl
 import pytest

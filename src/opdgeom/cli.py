@@ -131,7 +131,9 @@ def _trajectory(args) -> None:
     manifest = args.run_dir / "manifest.json"
     checkpoints = read_manifest(manifest)
     run = json.loads(manifest.read_text())["run"]["name"]
-    table = trajectory_table({c["step"]: c["path"] for c in checkpoints}, K=args.k, cache=args.cache, device=args.device)
+    table = trajectory_table(
+        {c["step"]: c["path"] for c in checkpoints}, K=args.k, cache=args.cache, device=args.device
+    )
     write_parquet(table.with_columns(run=pl.lit(run)), args.out)
 
 

@@ -34,6 +34,8 @@ class FigureSpec:
     @property
     def extensions(self) -> tuple[str, ...]:
         return ("csv", "md") if self.name == "table1" else ("png", "pdf", "csv")
+
+
 OPTION_KEYS = ("alpha", "token_mask", "behaviour", "projection")
 
 
@@ -68,7 +70,9 @@ class Study:
         self.seed = config["seed"]
         self.data = deep_merge(config["data"], family.get("data", {}))
         if self.data["domain"] not in known_domains():
-            raise ConfigError(f"config: data.domain: unknown domain {self.data['domain']!r}; known: {', '.join(known_domains())}")
+            raise ConfigError(
+                f"config: data.domain: unknown domain {self.data['domain']!r}; known: {', '.join(known_domains())}"
+            )
         self.evaluate = deep_merge(config["evaluate"], family.get("evaluate", {}))
         self.diagnose = config["diagnose"]
         self.train_defaults = deep_merge(config["train"], family.get("train", {}))
@@ -111,7 +115,9 @@ class Study:
         domains = known_domains()
         for i, spec in enumerate(runs.values()):
             if spec.domain not in domains:
-                raise ConfigError(f"config: runs[{i}].domain: unknown domain {spec.domain!r}; known: {', '.join(domains)}")
+                raise ConfigError(
+                    f"config: runs[{i}].domain: unknown domain {spec.domain!r}; known: {', '.join(domains)}"
+                )
             if spec.init not in runs and spec.init not in self.models:
                 known = ", ".join([*self.models, *runs])
                 raise ConfigError(f"config: runs[{i}].init: unknown model or run {spec.init!r}; known: {known}")

@@ -1,10 +1,10 @@
 rule tokenizer:
     output:
         directory(f"{RES}/tokenizer"),
-    conda:
-        "../../envs/train.yaml"
     log:
         f"{LOGS}/tokenizer.log",
+    conda:
+        "../../envs/train.yaml"
     shell:
         "python -m opdgeom tokenizer --out {output} 2> {log}"
 
@@ -13,14 +13,14 @@ rule data:
     output:
         train=f"{RES}/data/{{domain}}/train.jsonl",
         eval=f"{RES}/data/{{domain}}/eval.jsonl",
+    log:
+        f"{LOGS}/data/{{domain}}.log",
+    conda:
+        "../../envs/train.yaml"
     params:
         n_train=STUDY.data["n_train"],
         n_eval=STUDY.data["n_eval"],
         seed=STUDY.seed,
-    conda:
-        "../../envs/train.yaml"
-    log:
-        f"{LOGS}/data/{{domain}}.log",
     shell:
         "python -m opdgeom data --domain {wildcards.domain} --n-train {params.n_train} --n-eval {params.n_eval} "
         "--seed {params.seed} --train-out {output.train} --eval-out {output.eval} 2> {log}"
@@ -29,14 +29,14 @@ rule data:
 rule pretrain_corpus:
     output:
         f"{RES}/data/pretrain.jsonl",
+    log:
+        f"{LOGS}/pretrain_corpus.log",
+    conda:
+        "../../envs/train.yaml"
     params:
         n_docs=lambda wc: 4 * STUDY.family["pretrain"]["steps"] * STUDY.family["pretrain"]["batch_size"],
         seq_len=STUDY.family.get("pretrain", {}).get("seq_len", 0),
         seed=STUDY.seed,
-    conda:
-        "../../envs/train.yaml"
-    log:
-        f"{LOGS}/pretrain_corpus.log",
     shell:
         "python -m opdgeom corpus --n-docs {params.n_docs} --seq-len {params.seq_len} --seed {params.seed} "
         "--out {output} 2> {log}"

@@ -5,18 +5,18 @@ rule compare:
         manifest=f"{RES}/runs/{{run}}/manifest.json",
     output:
         f"{RES}/diagnose/compare/{{run}}.parquet",
+    log:
+        f"{LOGS}/diagnose/compare/{{run}}.log",
+    benchmark:
+        f"{RES}/benchmarks/diagnose/compare/{{run}}.tsv"
+    conda:
+        "../../envs/diagnose.yaml"
     params:
         init=lambda wc: STUDY.ref_path(STUDY.runs[wc.run].init),
         final=lambda wc: STUDY.final_checkpoint(wc.run),
         step=lambda wc: STUDY.runs[wc.run].train["steps"],
         d=DIAGNOSE,
         cache=CACHE,
-    conda:
-        "../../envs/diagnose.yaml"
-    log:
-        f"{LOGS}/diagnose/compare/{{run}}.log",
-    benchmark:
-        f"{RES}/benchmarks/diagnose/compare/{{run}}.tsv"
     shell:
         "python -m opdgeom compare {params.init} {params.final} --run {wildcards.run} --step {params.step} "
         "--k {params.d[k]} --alpha {params.d[alpha]} --eta {params.d[eta]} --device {params.d[device]} "
@@ -28,16 +28,16 @@ rule trajectory:
         manifest=f"{RES}/runs/{{run}}/manifest.json",
     output:
         f"{RES}/diagnose/trajectory/{{run}}.parquet",
-    params:
-        run_dir=lambda wc, input: os.path.dirname(input.manifest),
-        d=DIAGNOSE,
-        cache=CACHE,
-    conda:
-        "../../envs/diagnose.yaml"
     log:
         f"{LOGS}/diagnose/trajectory/{{run}}.log",
     benchmark:
         f"{RES}/benchmarks/diagnose/trajectory/{{run}}.tsv"
+    conda:
+        "../../envs/diagnose.yaml"
+    params:
+        run_dir=lambda wc, input: os.path.dirname(input.manifest),
+        d=DIAGNOSE,
+        cache=CACHE,
     shell:
         "python -m opdgeom trajectory {params.run_dir} --k {params.d[trajectory_k]} --device {params.d[device]} "
         "--cache {params.cache} --out {output} 2> {log}"

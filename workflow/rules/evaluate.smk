@@ -3,15 +3,15 @@ rule evaluate:
         unpack(eval_inputs),
     output:
         f"{RES}/eval/{{ref}}.parquet",
+    log:
+        f"{LOGS}/evaluate/{{ref}}.log",
+    conda:
+        "../../envs/train.yaml"
     params:
         source=eval_source,
         domain=lambda wc: eval_domain(wc.ref),
         max_new_tokens=STUDY.evaluate["max_new_tokens"],
         batch_size=STUDY.evaluate["batch_size"],
-    conda:
-        "../../envs/train.yaml"
-    log:
-        f"{LOGS}/evaluate/{{ref}}.log",
     shell:
         "python -m opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
         "--domain {params.domain} --max-new-tokens {params.max_new_tokens} "

@@ -9,19 +9,21 @@ for _figure in STUDY.figures:
             [str(p) for p in STUDY.figure_inputs(_figure)],
         output:
             [
-                report(str(p), caption=f"../report/{_figure}.rst", category="Figures")
-                if str(p).endswith(".png")
-                else str(p)
+                (
+                    report(str(p), caption=f"../report/{_figure}.rst", category="Figures")
+                    if str(p).endswith(".png")
+                    else str(p)
+                )
                 for p in STUDY.figure_outputs(_figure)
             ],
+        log:
+            f"{LOGS}/figures/{_figure}.log",
+        conda:
+            "../../envs/figures.yaml"
         params:
             name=_figure,
             prefix=lambda wc, output: os.path.splitext(output[0])[0],
             options=json.dumps(STUDY.figure_options(_figure)),
-        conda:
-            "../../envs/figures.yaml"
-        log:
-            f"{LOGS}/figures/{_figure}.log",
         shell:
             "python -m opdgeom figure {params.name} --inputs {input} --out-prefix {params.prefix} "
             "--options {params.options:q} 2> {log}"

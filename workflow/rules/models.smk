@@ -5,17 +5,17 @@ rule model:
         unpack(model_inputs),
     output:
         directory(f"{RES}/models/{{model}}"),
+    log:
+        f"{LOGS}/model/{{model}}.log",
+    benchmark:
+        f"{RES}/benchmarks/model/{{model}}.tsv"
+    conda:
+        "../../envs/train.yaml"
     params:
         spec=model_spec,
         pretrain=json.dumps(STUDY.family.get("pretrain", {})),
         seed=STUDY.seed,
         sources=lambda wc, input: " ".join(f"--{k} {v}" for k, v in input.items()),
-    conda:
-        "../../envs/train.yaml"
-    log:
-        f"{LOGS}/model/{{model}}.log",
-    benchmark:
-        f"{RES}/benchmarks/model/{{model}}.tsv"
     shell:
         "python -m opdgeom model --spec {params.spec:q} --pretrain {params.pretrain:q} {params.sources} "
         "--seed {params.seed} --out {output} 2> {log}"

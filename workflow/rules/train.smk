@@ -8,24 +8,24 @@ rule train:
         unpack(run_inputs),
     output:
         f"{RES}/runs/{{run}}/manifest.json",
+    log:
+        f"{LOGS}/train/{{run}}.log",
+    benchmark:
+        f"{RES}/benchmarks/train/{{run}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        nodes=1,
+        nproc_per_node=1,
     params:
         spec=lambda wc: json.dumps(STUDY.runs[wc.run].to_json()),
         paths=run_flags,
         out=lambda wc: str(STUDY.run_dir(wc.run)),
         seed=STUDY.seed,
-    resources:
-        nodes=1,
-        nproc_per_node=1,
-    conda:
-        "../../envs/train.yaml"
-    log:
-        f"{LOGS}/train/{{run}}.log",
-    benchmark:
-        f"{RES}/benchmarks/train/{{run}}.tsv"
     shell:
         "if [ {resources.nodes} -gt 1 ]; then"
-        " launch=\"srun -n {resources.nodes} --ntasks-per-node=1 torchrun --nnodes={resources.nodes}"
-        " --nproc-per-node={resources.nproc_per_node} --rdzv-backend=c10d --rdzv-endpoint=$(hostname):29500\";"
+        ' launch="srun -n {resources.nodes} --ntasks-per-node=1 torchrun --nnodes={resources.nodes}'
+        ' --nproc-per-node={resources.nproc_per_node} --rdzv-backend=c10d --rdzv-endpoint=$(hostname):29500";'
         " elif [ {resources.nproc_per_node} -gt 1 ]; then"
         " launch='torchrun --standalone --nproc-per-node {resources.nproc_per_node}'; else launch=python; fi; "
         "$launch -m opdgeom train --spec {params.spec:q} {params.paths} --train-data {input.train_data} "

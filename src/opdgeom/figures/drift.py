@@ -54,9 +54,7 @@ def drift_figure(
     groups = [*modules, ALL]
     data = (
         pl.concat([per_module, overall], how="vertical_relaxed")
-        .with_columns(
-            method=pl.col("run").replace_strict(methods), metric=pl.lit(METRIC), summary=pl.lit(summary)
-        )
+        .with_columns(method=pl.col("run").replace_strict(methods), metric=pl.lit(METRIC), summary=pl.lit(summary))
         .sort(run_order(runs), pl.col("module").replace_strict({m: i for i, m in enumerate(groups)}))
         .select("run", "method", "module", "metric", "summary", "value", "q25", "q75", "n_matrices", "n_nan")
     )
@@ -76,8 +74,7 @@ def drift_figure(
             low = np.maximum(y - rows_run["q25"].to_numpy(), 0)
             high = np.maximum(rows_run["q75"].to_numpy() - y, 0)
             ax.errorbar(x, y, yerr=[low, high], fmt="none", ecolor=style.color, elinewidth=0.6, capsize=0)
-        ax.plot(x, y, ls="none", marker=style.marker, ms=3.5, color=style.color, label=run,
-                mfc=style.marker_face())
+        ax.plot(x, y, ls="none", marker=style.marker, ms=3.5, color=style.color, label=run, mfc=style.marker_face())
     for i in range(1, len(groups)):
         ax.axvline(i - 0.5, color="0.85", lw=0.5)
     ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")

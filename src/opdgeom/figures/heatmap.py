@@ -25,8 +25,15 @@ from opdgeom.figures.tables import (
 )
 
 NAME = "heatmap"
-SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-         "down_proj": "down"}
+SHORT = {
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+}
 # metric shown -> (source metric, transform, colour-bar label, colour map)
 PANELS = {
     "update_density": ("bf16_sparsity", lambda v: 1 - v, "update density\n(1 − bf16 sparsity)", "viridis"),
@@ -69,16 +76,22 @@ def heatmap_figure(
         cells = (
             rows.with_columns(value=transform(pl.col("value")).fill_nan(None))
             .group_by("run", "layer", "module")
-            .agg(value=(pl.col("value") * pl.col("parameters")).sum() / pl.col("parameters").filter(
-                pl.col("value").is_not_null()).sum())
+            .agg(
+                value=(pl.col("value") * pl.col("parameters")).sum()
+                / pl.col("parameters").filter(pl.col("value").is_not_null()).sum()
+            )
         )
         parts.append(cells.with_columns(metric=pl.lit(shown)))
     data = pl.concat(parts, how="vertical_relaxed")
     modules = module_order(data["module"].unique().to_list())
     data = (
         data.with_columns(method=pl.col("run").replace_strict(methods))
-        .sort(pl.col("metric").replace_strict({m: i for i, m in enumerate(metrics)}), run_order(runs), "layer",
-              pl.col("module").replace_strict({m: i for i, m in enumerate(modules)}))
+        .sort(
+            pl.col("metric").replace_strict({m: i for i, m in enumerate(metrics)}),
+            run_order(runs),
+            "layer",
+            pl.col("module").replace_strict({m: i for i, m in enumerate(modules)}),
+        )
         .select("run", "method", "metric", "layer", "module", "value")
     )
     write_csv(data, out_prefix)
@@ -105,7 +118,7 @@ def heatmap_figure(
             norm = LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 10)
         else:
             norm = Normalize(vmin=0.0, vmax=1.0)
-        block_axes = axes[b * rows_per_metric:(b + 1) * rows_per_metric]
+        block_axes = axes[b * rows_per_metric : (b + 1) * rows_per_metric]
         image = None
         for i, ax in enumerate(block_axes.flat):
             if i >= len(runs):
@@ -118,8 +131,15 @@ def heatmap_figure(
                     grid[layers.index(row["layer"]), modules.index(row["module"])] = row["value"]
             if log:
                 grid = np.where(grid > 0, grid, np.nan)
-            image = ax.imshow(grid, aspect="auto", origin="lower", cmap=cmap, norm=norm, interpolation="nearest",
-                              extent=(-0.5, len(modules) - 0.5, layers[0] - 0.5, layers[-1] + 0.5))
+            image = ax.imshow(
+                grid,
+                aspect="auto",
+                origin="lower",
+                cmap=cmap,
+                norm=norm,
+                interpolation="nearest",
+                extent=(-0.5, len(modules) - 0.5, layers[0] - 0.5, layers[-1] + 0.5),
+            )
             ax.set_title(run, color=styles[run].color, fontsize=7)
             ax.set_xticks(range(len(modules)), labels, rotation=90, fontsize=6)
             ax.tick_params(axis="y", labelsize=6)
@@ -130,7 +150,9 @@ def heatmap_figure(
         if image is not None:
             label = f"{bar_label}{' (log)' if log else ''}"
             fig.colorbar(image, ax=block_axes.ravel().tolist(), label=label, shrink=0.9, pad=0.01)
-    fig.suptitle("Where each run writes: per-layer, per-module update density and spectral shift "
-                 "(final vs. initial weights)", fontsize=8)
+    fig.suptitle(
+        "Where each run writes: per-layer, per-module update density and spectral shift (final vs. initial weights)",
+        fontsize=8,
+    )
     save(fig, out_prefix, dpi=dpi)
     return data

@@ -91,8 +91,12 @@ def localization_figure(
                 ax.annotate(f"{v:.3g}", (v, yi), xytext=(2, 0), textcoords="offset points", va="center", fontsize=5.5)
         else:
             baseline = ax.axvline(alpha, color="0.2", ls="--", lw=0.9)
-        ax.set_xlim(0, max(1.0, float(np.nanmax(values)) * 1.05) if metric == "update_density" else
-                    max(alpha, float(np.nanmax(values))) * 1.15)
+        ax.set_xlim(
+            0,
+            max(1.0, float(np.nanmax(values)) * 1.05)
+            if metric == "update_density"
+            else max(alpha, float(np.nanmax(values))) * 1.15,
+        )
         ax.set_xlabel(label)
         ax.grid(True, axis="x", lw=0.3, alpha=0.5)
     axes[0][0].set_yticks(y, runs)

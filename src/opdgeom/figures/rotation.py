@@ -79,8 +79,7 @@ def rotation_figure(
         ax.grid(True, which="major", lw=0.3, alpha=0.5)
     axes[0][0].set_ylabel(f"{statistic} principal angle, top-{k} (degrees)")
     fig.suptitle(
-        f"Rotation of the top-{k} singular subspaces, final vs. initial weights "
-        f"({summary} over each layer's matrices)",
+        f"Rotation of the top-{k} singular subspaces, final vs. initial weights ({summary} over each layer's matrices)",
         fontsize=8,
     )
     handles, labels = axes[0][0].get_legend_handles_labels()

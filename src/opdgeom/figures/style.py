@@ -61,8 +61,14 @@ class RunStyle:
 
     def line(self) -> dict:
         """Keyword arguments for ``ax.plot``."""
-        return {"color": self.color, "ls": self.linestyle, "marker": self.marker, "ms": 3, "lw": 1.2,
-                "mfc": self.marker_face()}
+        return {
+            "color": self.color,
+            "ls": self.linestyle,
+            "marker": self.marker,
+            "ms": 3,
+            "lw": 1.2,
+            "mfc": self.marker_face(),
+        }
 
 
 def run_styles(methods: dict[str, str], runs: list[str] | None = None) -> dict[str, RunStyle]:

@@ -65,15 +65,29 @@ def sufficiency_figure(
         for run in runs:
             parts.append(
                 rows_of(run).select(
-                    group=pl.lit(group), run="ref", method=pl.lit(methods[run]),
-                    step="step", tokens="tokens", domain="domain", accuracy="accuracy", n="n",
+                    group=pl.lit(group),
+                    run="ref",
+                    method=pl.lit(methods[run]),
+                    step="step",
+                    tokens="tokens",
+                    domain="domain",
+                    accuracy="accuracy",
+                    n="n",
                 )
             )
     for ref, label in references.items():
         parts.append(
-            rows_of(ref).tail(1).select(
-                group=pl.lit("reference"), run="ref", method=pl.lit(label),
-                step="step", tokens="tokens", domain="domain", accuracy="accuracy", n="n",
+            rows_of(ref)
+            .tail(1)
+            .select(
+                group=pl.lit("reference"),
+                run="ref",
+                method=pl.lit(label),
+                step="step",
+                tokens="tokens",
+                domain="domain",
+                accuracy="accuracy",
+                n="n",
             )
         )
     data = pl.concat(parts, how="vertical_relaxed")
@@ -96,8 +110,9 @@ def sufficiency_figure(
         ax.set_ylim(-0.02, 1.02)
         ax.grid(True, lw=0.3, alpha=0.5)
     axes[0][0].set_ylabel("held-out accuracy (fraction correct)")
-    fig.suptitle("Functional sufficiency: accuracy when every update is confined to a fixed low-rank subspace",
-                 fontsize=8)
+    fig.suptitle(
+        "Functional sufficiency: accuracy when every update is confined to a fixed low-rank subspace", fontsize=8
+    )
     legend_below(fig, list(handles.values()), list(handles))
     save(fig, out_prefix, dpi=dpi)
     return data

@@ -104,8 +104,11 @@ def summarise(rows: pl.DataFrame, by: list[str], how: str) -> pl.DataFrame:
     """
     value, weight = pl.col("value"), pl.col("parameters")
     exprs = {
-        "median": [value.median(), value.quantile(0.25, interpolation="linear").alias("q25"),
-                   value.quantile(0.75, interpolation="linear").alias("q75")],
+        "median": [
+            value.median(),
+            value.quantile(0.25, interpolation="linear").alias("q25"),
+            value.quantile(0.75, interpolation="linear").alias("q75"),
+        ],
         "mean": [value.mean()],
         "max": [value.max()],
         "weighted_mean": [(value * pl.col("parameters")).sum() / weight.filter(value.is_not_null()).sum()],

@@ -89,9 +89,7 @@ def _tridiagonal_eigen(gram_rr: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
         return evals_r, np.zeros((r, 0))
     _, vecs_rk = scipy.linalg.eigh_tridiagonal(diag_r, offdiag_r, select="i", select_range=(r - k, r - 1))
     # Q = H(1) ... H(r-1) acts on rows 2..r (lower storage), exactly as LAPACK dormtr does it.
-    rotated_rk, _, info = lapack.dormqr(
-        "L", "N", householder_rr[1:, :-1], tau_r, vecs_rk[1:, :], lwork=max(1, 64 * k)
-    )
+    rotated_rk, _, info = lapack.dormqr("L", "N", householder_rr[1:, :-1], tau_r, vecs_rk[1:, :], lwork=max(1, 64 * k))
     if info != 0:
         raise np.linalg.LinAlgError(f"dormqr failed (info={info})")
     vecs_rk[1:, :] = rotated_rk

@@ -28,10 +28,21 @@ MAX_HEADER_BYTES = 100_000_000
 FINITE_CHECK_NUMEL = 1 << 22
 
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in")
 LM_HEAD_NAMES = ("lm_head", "embed_out")
@@ -225,14 +236,10 @@ def check_pair(entries_a: dict[str, TensorEntry], entries_b: dict[str, TensorEnt
     for name in sorted(entries_a, key=_sort_key):
         a, b = entries_a[name], entries_b[name]
         if a.shape != b.shape:
-            raise CheckpointError(
-                f"tensor {name}: shape {list(a.shape)} in {a.path} vs {list(b.shape)} in {b.path}"
-            )
+            raise CheckpointError(f"tensor {name}: shape {list(a.shape)} in {a.path} vs {list(b.shape)} in {b.path}")
 
 
-def iter_tensor_pairs(
-    dir_a: str | Path, dir_b: str | Path, names: Iterable[str] | None = None
-) -> Iterator[TensorPair]:
+def iter_tensor_pairs(dir_a: str | Path, dir_b: str | Path, names: Iterable[str] | None = None) -> Iterator[TensorPair]:
     """Yield matching tensors of two checkpoints, one pair in memory at a time.
 
     Headers, file sizes, tensor names and shapes are all validated before the first

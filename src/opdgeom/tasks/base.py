@@ -47,7 +47,7 @@ def extract_answer(completion: str) -> str | None:
     marker = completion.rfind(ANSWER_MARK)
     if marker < 0:
         return None
-    tail = completion[marker + len(ANSWER_MARK):].lstrip(" \t")
+    tail = completion[marker + len(ANSWER_MARK) :].lstrip(" \t")
     return normalize_answer(tail.split("\n", 1)[0])
 
 

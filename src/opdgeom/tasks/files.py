@@ -102,9 +102,7 @@ def load_hf_dataset(
     try:
         import datasets
     except ImportError as error:
-        raise RuntimeError(
-            f"loading {name!r} needs the 'datasets' package: pip install datasets"
-        ) from error
+        raise RuntimeError(f"loading {name!r} needs the 'datasets' package: pip install datasets") from error
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as error:

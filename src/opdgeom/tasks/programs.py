@@ -32,9 +32,7 @@ class ProgramTask(Task):
 
     def __init__(self, n_assignments: int = 2, max_value: int = 9):
         if not 1 <= n_assignments <= len(VARIABLE_NAMES):
-            raise ValueError(
-                f"ProgramTask needs 1 <= n_assignments <= {len(VARIABLE_NAMES)}, got {n_assignments}"
-            )
+            raise ValueError(f"ProgramTask needs 1 <= n_assignments <= {len(VARIABLE_NAMES)}, got {n_assignments}")
         if max_value < 1:
             raise ValueError(f"ProgramTask needs max_value >= 1, got {max_value}")
         self.n_assignments = n_assignments

@@ -36,7 +36,9 @@ class SFTMethod:
 
     def __init__(self, tokenizer, examples, batch_size: int, seed: int, world: World = SINGLE):
         self.tokenizer = tokenizer
-        self.pairs = [(encode_prompt(tokenizer, e.prompt), encode_completion(tokenizer, e.completion)) for e in examples]
+        self.pairs = [
+            (encode_prompt(tokenizer, e.prompt), encode_completion(tokenizer, e.completion)) for e in examples
+        ]
         self.batch_size = batch_size
         self.seed = seed
         self.world = world
@@ -158,7 +160,9 @@ class PolicyGradientMethod:
             stats["adv_scale_rlvr"] = ((1 - alpha) * a_rlvr_B.abs().mean()).item()
         if self.token_mask:
             # Under data parallelism the selection is per rank (top-KL over the rank's own tokens).
-            generator = torch.Generator().manual_seed((self.seed * 104_729 + batch["step"]) * self.world.size + self.world.rank)
+            generator = torch.Generator().manual_seed(
+                (self.seed * 104_729 + batch["step"]) * self.world.size + self.world.rank
+            )
             scores_BT = -a_opd_BT if self.token_mask["select"] == "top" else mask_BT
             mask_BT = select_tokens(scores_BT, mask_BT, self.token_mask["keep"], self.token_mask["select"], generator)
         loss = pg_loss(
@@ -170,5 +174,7 @@ class PolicyGradientMethod:
             rollout_tokens=batch["rollout_tokens"],
         )
         if not self.behaviour.on_policy:
-            stats["rho_mean"] = ((logp_BT.detach() - behaviour_logp_BT).exp() * mask_BT).sum().item() / mask_BT.sum().item()
+            stats["rho_mean"] = (
+                (logp_BT.detach() - behaviour_logp_BT).exp() * mask_BT
+            ).sum().item() / mask_BT.sum().item()
         return loss, stats

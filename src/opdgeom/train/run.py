@@ -11,9 +11,9 @@ from pathlib import Path
 from opdgeom.models import build_model, load_model, load_tokenizer, save_model
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
-from opdgeom.train.loop import STATE_FILE, log, train, write_manifest
 from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
 from opdgeom.train.distributed import SINGLE, World, barrier, full_model_state, setup, shard, teardown
+from opdgeom.train.loop import STATE_FILE, log, train, write_manifest
 from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
 from opdgeom.train.projection import SubspaceProjection
 
@@ -66,9 +66,9 @@ def make_engine(settings: dict, init: Path, world: World):
         return None
     if world.size > 1:
         raise ValueError("rollout_engine vllm runs in one process per run (its weights come unsharded)")
-    from opdgeom.rollout.vllm_engine import VLLMEngine  # needs .venv-vllm (scripts/vllm_env.sh)
-
     import transformers
+
+    from opdgeom.rollout.vllm_engine import VLLMEngine  # needs .venv-vllm (scripts/vllm_env.sh)
 
     # Room for a prompt of up to 2048 tokens plus the rollout, within what the model supports.
     positions = transformers.AutoConfig.from_pretrained(init).max_position_embeddings
