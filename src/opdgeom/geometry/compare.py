@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -18,6 +19,7 @@ import torch
 from opdgeom.geometry.cache import StatCache, tensor_digest
 from opdgeom.geometry.metrics import BaseMasks, base_masks, overlap_counts, unchanged_count, update_norms
 from opdgeom.geometry.spectral import Spectrum, angles_between, normalized_shift, spectrum
+from opdgeom.geometry.rows import metric_row
 from opdgeom.geometry.stream import TensorInfo, iter_tensor_pairs
 
 LOG = logging.getLogger(__name__)
@@ -33,18 +35,6 @@ SCHEMA = {
 }
 SPARSITY = "bf16_sparsity"
 DEFAULT_ALPHA = 0.05
-
-
-def _row(tensor: str, info: TensorInfo, metric: str, parameters: int, value: float) -> dict:
-    return {
-        "tensor": tensor,
-        "kind": info.kind,
-        "layer": info.layer,
-        "module": info.module,
-        "metric": metric,
-        "parameters": parameters,
-        "value": float(value),
-    }
 
 
 def frame(rows: list[dict]) -> pl.DataFrame:
@@ -73,7 +63,7 @@ class SparsityTally:
         for tensor, kind, module in keys:
             unchanged, total = self._counts[(tensor, kind, module)]
             info = TensorInfo(kind=kind, layer=None, module=module)
-            rows.append(_row(tensor, info, SPARSITY, total, unchanged / total))
+            rows.append(metric_row(tensor, info, SPARSITY, total, unchanged / total))
         return rows
 
 
@@ -87,7 +77,7 @@ def sparsity_table(dir_a: str | Path, dir_b: str | Path, eta: float = 1e-3) -> p
     for pair in iter_tensor_pairs(dir_a, dir_b):
         parameters = pair.w0.numel()
         unchanged = unchanged_count(pair.w0, pair.w1, eta)
-        rows.append(_row(pair.name, pair.info, SPARSITY, parameters, unchanged / parameters))
+        rows.append(metric_row(pair.name, pair.info, SPARSITY, parameters, unchanged / parameters))
         tally.add(pair.info, unchanged, parameters)
     return frame(rows + tally.rows())
 
@@ -147,6 +137,7 @@ def compare_checkpoints(
     cache: StatCache | str | Path | None = None,
     device: str = "cpu",
     spectral_kinds: tuple[str, ...] = ("matrix",),
+    progress: Callable[[str], None] | None = None,
 ) -> pl.DataFrame:
     """Every diagnostic of B relative to A, long format (same schema as sparsity_table).
 
@@ -157,7 +148,9 @@ def compare_checkpoints(
     mask_overlap_{principal,low_magnitude} (random baseline = alpha). Aggregates: sparsity
     rows "module:<name>" and "all:<kind>" as in sparsity_table. Spectra of each tensor and
     W0's localization masks are cached by content, so the anchor's are computed once per study
-    and a further checkpoint of the same base costs one spectrum per matrix.
+    and a further checkpoint of the same base costs one spectrum per matrix. ``dir_a``/``dir_b`` are
+    folders or checkpoint sources (see geometry.stream.FolderCheckpoint); ``progress(name)`` is
+    called after each tensor.
     """
     cache = as_cache(cache)
     rows = []
@@ -180,5 +173,7 @@ def compare_checkpoints(
             "relative_update_norm": relative,
             **spectral,
         }
-        rows.extend(_row(pair.name, pair.info, metric, parameters, value) for metric, value in values.items())
+        rows.extend(metric_row(pair.name, pair.info, metric, parameters, value) for metric, value in values.items())
+        if progress is not None:
+            progress(pair.name)
     return frame(rows + tally.rows())

@@ -239,48 +239,78 @@ def check_pair(entries_a: dict[str, TensorEntry], entries_b: dict[str, TensorEnt
             raise CheckpointError(f"tensor {name}: shape {list(a.shape)} in {a.path} vs {list(b.shape)} in {b.path}")
 
 
-def iter_tensor_pairs(dir_a: str | Path, dir_b: str | Path, names: Iterable[str] | None = None) -> Iterator[TensorPair]:
-    """Yield matching tensors of two checkpoints, one pair in memory at a time.
+class FolderCheckpoint:
+    """A HF safetensors folder (single file or sharded index) as a checkpoint source.
+
+    A checkpoint source is anything with ``entries`` (name -> TensorEntry: shape, dtype, file) and
+    ``load(name)``; opdgeom.diagnose builds others (renamed views, LoRA adapters over a base) and
+    passes them wherever a folder is accepted. ``str()`` of a source names it in error messages.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = folder
+        self.entries = read_checkpoint(folder)
+
+    def load(self, name: str) -> torch.Tensor:
+        return load_tensor(self.entries[name])
+
+    def __str__(self) -> str:
+        return str(self.folder)
+
+
+def as_checkpoint(source) -> FolderCheckpoint:
+    """A checkpoint source as it is, or a folder path opened as a FolderCheckpoint."""
+    if hasattr(source, "entries") and hasattr(source, "load"):
+        return source
+    return FolderCheckpoint(source)
+
+
+def iter_tensor_pairs(dir_a, dir_b, names: Iterable[str] | None = None) -> Iterator[TensorPair]:
+    """Yield matching tensors of two checkpoints (folders or checkpoint sources), one pair at a time.
 
     Headers, file sizes, tensor names and shapes are all validated before the first
     yield; non-finite values are found as each tensor is read (checking them up front
     would mean reading both checkpoints twice).
     """
-    entries_a = read_checkpoint(dir_a)
-    entries_b = read_checkpoint(dir_b)
-    check_pair(entries_a, entries_b, dir_a, dir_b)
+    source_a, source_b = as_checkpoint(dir_a), as_checkpoint(dir_b)
+    entries_a, entries_b = source_a.entries, source_b.entries
+    check_pair(entries_a, entries_b, source_a, source_b)
     wanted = sorted(entries_a if names is None else names, key=_sort_key)
     missing = [n for n in wanted if n not in entries_a]
     if missing:
-        raise CheckpointError(f"{dir_a}: tensors not found: {', '.join(missing[:10])}")
+        raise CheckpointError(f"{source_a}: tensors not found: {', '.join(missing[:10])}")
     for name in wanted:
         entry_a = entries_a[name]
-        w0, w1 = load_tensor(entry_a), load_tensor(entries_b[name])
+        w0, w1 = source_a.load(name), source_b.load(name)
         yield TensorPair(name=name, info=classify(name, len(entry_a.shape)), w0=w0, w1=w1)
 
 
 class CheckpointSeries:
     """Several checkpoints of one architecture (a training trajectory), read one tensor at a time.
 
-    All headers are validated against the first checkpoint on construction; each load opens
-    its file for that read only (see load_tensor), so there is nothing to close.
+    Each item is a folder or a checkpoint source (see FolderCheckpoint). All headers are validated
+    against the first checkpoint on construction; each load opens its file for that read only
+    (see load_tensor), so there is nothing to close.
     """
 
-    def __init__(self, folders: Iterable[str | Path]):
-        self.folders = [Path(f) for f in folders]
-        if not self.folders:
+    def __init__(self, folders: Iterable):
+        self.sources = [as_checkpoint(f) for f in folders]
+        if not self.sources:
             raise CheckpointError("no checkpoints given")
-        self._entries = [read_checkpoint(f) for f in self.folders]
-        for folder, entries in zip(self.folders[1:], self._entries[1:], strict=True):
-            check_pair(self._entries[0], entries, self.folders[0], folder)
-        self.names = sorted(self._entries[0], key=_sort_key)
+        first = self.sources[0]
+        for source in self.sources[1:]:
+            check_pair(first.entries, source.entries, first, source)
+        self.names = sorted(first.entries, key=_sort_key)
+
+    def __len__(self) -> int:
+        return len(self.sources)
 
     def info(self, name: str) -> TensorInfo:
-        return classify(name, len(self._entries[0][name].shape))
+        return classify(name, len(self.sources[0].entries[name].shape))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[0][name].shape
+        return self.sources[0].entries[name].shape
 
     def load(self, index: int, name: str) -> torch.Tensor:
         """Tensor ``name`` of checkpoint number ``index`` (finite-checked)."""
-        return load_tensor(self._entries[index][name])
+        return self.sources[index].load(name)

@@ -11,6 +11,7 @@ content hashes of (W_t, W_0), so re-running a trajectory with more steps only pa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -18,6 +19,7 @@ import torch
 
 from opdgeom.geometry.cache import StatCache, tensor_digest
 from opdgeom.geometry.compare import SCHEMA, as_cache
+from opdgeom.geometry.rows import metric_row
 from opdgeom.geometry.spectral import frobenius_norm, spectrum, stable_rank_from_sigma, subspace_similarity
 from opdgeom.geometry.stream import CheckpointSeries
 from opdgeom.geometry.tail import tail_index
@@ -46,19 +48,6 @@ def _cached_delta(w_t, w_0, digest_0, k, cache: StatCache | None, device) -> dic
     )
 
 
-def _row(step: int, name: str, info, metric: str, parameters: int, value: float) -> dict:
-    return {
-        "step": step,
-        "tensor": name,
-        "kind": info.kind,
-        "layer": info.layer,
-        "module": info.module,
-        "metric": metric,
-        "parameters": parameters,
-        "value": float(value),
-    }
-
-
 def _matrix_rows(series, name, info, steps, k, cache, device) -> list[dict]:
     w_0 = series.load(0, name)
     k_eff = min(k, *w_0.shape)
@@ -78,14 +67,14 @@ def _matrix_rows(series, name, info, steps, k, cache, device) -> list[dict]:
                 subspace_similarity(stats["right_nk"], final["right_nk"]) if moved else float("nan")
             ),
         }
-        rows.extend(_row(step, name, info, metric, w_0.numel(), value) for metric, value in values.items())
+        rows.extend(metric_row(name, info, metric, w_0.numel(), value, step) for metric, value in values.items())
     return rows
 
 
 def _norm_rows(series, name, info, steps) -> list[dict]:
     w_0 = series.load(0, name).to(torch.float64)
     return [
-        _row(step, name, info, "frobenius_norm", w_0.numel(), frobenius_norm(series.load(index, name) - w_0))
+        metric_row(name, info, "frobenius_norm", w_0.numel(), frobenius_norm(series.load(index, name) - w_0), step)
         for index, step in enumerate(steps[1:], start=1)
     ]
 
@@ -95,12 +84,14 @@ def trajectory_table(
     K: int = 16,
     cache: StatCache | str | Path | None = None,
     device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
 ) -> pl.DataFrame:
     """Long-format rows (step, tensor, kind, layer, module, metric, parameters, value).
 
     The smallest step is W_0 (the run's starting point) and gets no rows; the largest is T.
     Metrics: frobenius_norm, stable_rank, tail_index, subspace_similarity_to_final (1 at T;
-    NaN where dW or dW_T is zero).
+    NaN where dW or dW_T is zero). Values are folders or checkpoint sources (see
+    geometry.stream.FolderCheckpoint); ``progress(name)`` is called after each tensor.
     """
     if len(checkpoint_dirs_by_step) < 2:
         raise ValueError("a trajectory needs at least two checkpoints (the start and one later step)")
@@ -115,6 +106,8 @@ def trajectory_table(
             rows.extend(_matrix_rows(series, name, info, steps, K, cache, device))
         else:
             rows.extend(_norm_rows(series, name, info, steps))
+        if progress is not None:
+            progress(name)
     if not rows:
         return pl.DataFrame(schema=TRAJECTORY_SCHEMA)
     return pl.DataFrame(rows, schema=TRAJECTORY_SCHEMA, orient="row")
