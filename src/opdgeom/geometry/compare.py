@@ -18,8 +18,8 @@ import torch
 
 from opdgeom.geometry.cache import StatCache, tensor_digest
 from opdgeom.geometry.metrics import BaseMasks, base_masks, overlap_counts, unchanged_count, update_norms
-from opdgeom.geometry.spectral import Spectrum, angles_between, normalized_shift, spectrum
 from opdgeom.geometry.rows import metric_row
+from opdgeom.geometry.spectral import Spectrum, angles_between, normalized_shift, spectrum
 from opdgeom.geometry.stream import TensorInfo, iter_tensor_pairs
 
 LOG = logging.getLogger(__name__)
