@@ -47,7 +47,9 @@ def test_default_config_plans_the_study():
         (lambda c: c["data"].update(domain="chess"), "data.domain: unknown domain 'chess'"),
         (lambda c: c.update(family_overrides={"pretrain": {"steps": -1}}), "pretrain.steps"),
         (
-            lambda c: c.update(family="qwen3-8b", family_overrides={"models": {"student": {"revision": "main"}}}),
+            lambda c: c.update(
+                family="qwen3-8b", family_overrides={"models": {"student": {"revision": "main branch"}}}
+            ),
             "models.student",
         ),
     ],

@@ -34,6 +34,6 @@ def test_hub_download_fails_fast_offline_with_what_to_prefetch(tmp_path):
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1
-    assert "huggingface-cli download Qwen/Qwen3-8B-Base --revision 49e3418" in proc.stderr
+    assert "hf download Qwen/Qwen3-8B-Base --revision 49e3418" in proc.stderr
     assert "HF_HOME" in proc.stderr
     assert not (tmp_path / "student").exists()

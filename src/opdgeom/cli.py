@@ -42,13 +42,27 @@ def _tokenizer(args) -> None:
 def _model(args) -> None:
     spec = json.loads(args.spec)
     if spec["source"] == "hub":
-        from opdgeom.models import download_model
+        from opdgeom.hub import download_model
 
         download_model(spec["repo"], spec["revision"], args.out)
         return
     from opdgeom.train.run import build_and_pretrain
 
     build_and_pretrain(spec, json.loads(args.pretrain), args.tokenizer, args.corpus, args.out, args.seed)
+
+
+def _fetch_models(args) -> None:
+    from opdgeom.config import load_family
+    from opdgeom.hub import cache_dir, resolve
+
+    family = load_family(args.family, args.families_dir, args.schema)
+    hub_models = {name: m for name, m in family["models"].items() if m["source"] == "hub"}
+    if not hub_models:
+        raise ValueError(f"family {args.family!r} builds all its models; nothing to fetch")
+    print(f"filling the Hugging Face cache {cache_dir()} for family {args.family}", file=sys.stderr)
+    for name, spec in hub_models.items():
+        snapshot = resolve(spec["repo"], spec["revision"])
+        print(f"{name}: {spec['repo']}@{spec['revision']} = {snapshot.commit} in {snapshot.path}", file=sys.stderr)
 
 
 def _train(args) -> None:
@@ -185,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_model)
+
+    p = sub.add_parser("fetch-models", help="pre-fill the Hugging Face cache with a family's hub models")
+    p.add_argument("--family", required=True)
+    p.add_argument("--families-dir", type=Path, default=Path("config/families"))
+    p.add_argument("--schema", type=Path, default=Path("workflow/schemas/family.schema.yaml"))
+    p.set_defaults(func=_fetch_models)
 
     p = sub.add_parser("train", help="train one run; checkpoints + manifest.json in --out")
     p.add_argument("--spec", required=True, help="the planned run as JSON")

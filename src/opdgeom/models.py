@@ -1,16 +1,14 @@
-"""Model families: build tiny models from transformers configs, download hub models, load and save
+"""Model families: build tiny models from transformers configs, load and save
 Hugging Face folders (safetensors + tokenizer) atomically."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import transformers
+
+from opdgeom.io import atomic_dir
 
 ARCHITECTURES = {
     "qwen3": transformers.Qwen3Config,
@@ -63,22 +61,6 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-@contextmanager
-def atomic_dir(out_dir: str | Path):
-    """Yield a temporary folder beside ``out_dir``; rename it into place only if the block succeeds."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, state_dict=None) -> Path:
     """Write an HF folder (safetensors in ``dtype``, config, tokenizer) atomically.
 
@@ -91,29 +73,4 @@ def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch
         model.config.dtype = dtype
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
-
-
-def download_model(repo: str, revision: str, out_dir: str | Path) -> Path:
-    """Fetch a pinned revision of a hub model (safetensors, config, tokenizer) into ``out_dir``.
-
-    Fails fast offline with a message saying how to pre-fetch: set HF_HOME to a cache holding the
-    revision, or point the family preset at a local folder.
-    """
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]
-    try:
-        with atomic_dir(out_dir) as tmp:
-            snapshot_download(repo_id=repo, revision=revision, local_dir=tmp, allow_patterns=patterns)
-            # Record the commit a branch name resolved to, so results say exactly which weights they used.
-            (tmp / ".revision").write_text(HfApi().model_info(repo, revision=revision).sha + "\n")
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise RuntimeError(
-            f"could not download {repo}@{revision} into {out_dir}: {err}\n"
-            f"Pre-fetch it on a machine with network access: "
-            f"`huggingface-cli download {repo} --revision {revision}` with HF_HOME pointing at a shared "
-            f"cache visible here (and HF_HUB_OFFLINE=1), or copy the folder to {out_dir}."
-        ) from err
     return Path(out_dir)
