@@ -151,6 +151,17 @@ def _trajectory(args) -> None:
     write_parquet(table.with_columns(run=pl.lit(run)), args.out)
 
 
+def _diagnose(args) -> None:
+    from opdgeom.diagnose import Settings, diagnose
+
+    settings = Settings(
+        k=args.k, alpha=args.alpha, eta=args.eta, trajectory_k=args.trajectory_k, device=args.device,
+        cache=args.cache, use_cache=not args.no_cache, allow_download=args.allow_download,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    diagnose(args.base, args.runs, args.out, settings)
+
+
 def _cache(args) -> None:
     from opdgeom.geometry import cache
 
@@ -252,6 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=_trajectory)
+
+    p = sub.add_parser(
+        "diagnose", help="tables, figures and one HTML page for checkpoints trained anywhere (TRL, verl, PEFT, ...)"
+    )
+    p.add_argument("base", help="the base model: an HF folder or a hub id org/name[@revision] in the local HF cache")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN",
+        help="[NAME=]FOLDER (opdgeom run, TRL checkpoint-N/, verl global_step_N/, PEFT adapters, one HF folder) "
+        "or [NAME=]FOLDER,FOLDER,... (HF folders in step order)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically): index.html, ...")
+    p.add_argument("--k", type=int, default=16, help="subspace rank for principal angles and masks")
+    p.add_argument("--alpha", type=float, default=0.05, help="mask fraction (random overlap baseline)")
+    p.add_argument("--eta", type=float, default=1e-3, help="bf16-aware sparsity tolerance")
+    p.add_argument("--trajectory-k", type=int, default=16, help="K of the trajectory's subspace similarity")
+    p.add_argument("--cache", type=Path, help="statistics cache (default $OPDGEOM_CACHE or ~/.cache/opdgeom)")
+    p.add_argument("--no-cache", action="store_true", help="compute every statistic afresh, store nothing")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--allow-download", action="store_true", help="download a hub BASE missing from the HF cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("cache", help="inspect or garbage-collect the statistics cache")
     p.add_argument("action", choices=["info", "gc"])
