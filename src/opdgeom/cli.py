@@ -178,6 +178,12 @@ def _figure(args) -> None:
     FIGURES[args.name](inputs=args.inputs, out_prefix=Path(args.out_prefix), **json.loads(args.options))
 
 
+def _memory_plan(args) -> None:
+    from opdgeom.train.memory_plan import main as memory_plan
+
+    print(memory_plan(args.family, args.gpus, args.gpu_mem_gb, as_json=args.json))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdgeom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-prefix", required=True, help="outputs are <prefix>.png/.pdf/.csv/...")
     p.add_argument("--options", default="{}", help="figure options as JSON")
     p.set_defaults(func=_figure)
+
+    p = sub.add_parser("memory-plan", help="per-rank GPU memory of a family's training job, by component")
+    p.add_argument("--family", required=True, help="a preset in config/families")
+    p.add_argument("--gpus", type=int, required=True, help="ranks (GPUs) of one training job")
+    p.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GB (1e9 bytes)")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (peak_bytes, components, phases)")
+    p.set_defaults(func=_memory_plan)
     return parser
 
 

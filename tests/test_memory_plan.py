@@ -1,0 +1,87 @@
+"""The memory plan: real parameter counts from meta-built configs, FSDP2's padded dim-0 sharding rule,
+never below the analytic floor, the 8B pairs fit 8 x 80 GB, too-small requests are refused."""
+
+import json
+
+import pytest
+
+from opdgeom.cli import main as cli_main
+from opdgeom.train.memory_plan import (
+    HUB_SHAPES,
+    PHASES,
+    check_fits,
+    load_family_preset,
+    plan,
+    shard_numel,
+    sharded,
+)
+
+HUB_FAMILIES = ["qwen3-8b", "llama3-8b", "qwen3-pilot"]
+
+
+@pytest.mark.parametrize(
+    "repo", ["Qwen/Qwen3-8B-Base", "Qwen/Qwen3-32B", "meta-llama/Llama-3.1-8B", "Qwen/Qwen3-0.6B-Base", "Qwen/Qwen3-4B"]
+)
+def test_meta_built_parameter_counts_match_the_published_counts(repo):
+    shape = HUB_SHAPES[repo]
+    params = sharded(shape, 1).params
+    assert params == pytest.approx(shape.published_params, rel=5e-3), (repo, params)
+
+
+def test_exact_counts_of_the_study_pair():
+    """Qwen3-8B: 36 layers, untied lm_head; the exact sum of its config's tensors."""
+    assert sharded(HUB_SHAPES["Qwen/Qwen3-8B-Base"], 1).params == 8_190_735_360
+    assert sharded(HUB_SHAPES["Qwen/Qwen3-32B"], 1).params == 32_762_123_264
+    assert sharded(HUB_SHAPES["meta-llama/Llama-3.1-8B"], 1).params == 8_030_261_248
+
+
+def test_shard_numel_is_fsdp2_padded_dim0_chunking():
+    assert shard_numel((61, 32), 2) == 31 * 32  # torch.chunk: ceil(61 / 2) rows on rank 0, padded on rank 1
+    assert shard_numel((151_936, 4096), 8) == 18_992 * 4096
+    assert shard_numel((5,), 8) == 1  # 1-D norms: one padded element per rank
+    assert shard_numel((), 8) == 1
+    # Sharding over W never costs less than 1/W of the whole, and the padding is under one row per tensor.
+    shape = HUB_SHAPES["Qwen/Qwen3-8B-Base"]
+    whole, per_rank = sharded(shape, 1).shard_params, sharded(shape, 8).shard_params
+    assert whole / 8 <= per_rank < whole / 8 + 400 * 12_288
+
+
+@pytest.mark.parametrize("family", HUB_FAMILIES)
+@pytest.mark.parametrize("gpus", [1, 2, 8, 16])
+def test_plan_is_never_below_the_analytic_floor(family, gpus):
+    result = plan(load_family_preset(family), gpus, 80)
+    floor = (16 * result.student_params + 2 * result.teacher_params) / gpus
+    for phase in PHASES:
+        assert result.phase_bytes(phase) >= floor, (family, gpus, phase)
+    assert result.peak_bytes == max(result.phase_bytes(p) for p in PHASES)
+
+
+@pytest.mark.parametrize("family", ["qwen3-8b", "llama3-8b"])
+def test_the_8b_studies_fit_8_gpus_of_80_gb_with_the_stated_headroom(family):
+    result = check_fits(family, 8, 80)
+    assert result.fits and result.peak_bytes <= 0.9 * 80e9
+    assert result.headroom == 0.10
+
+
+def test_pilot_fits_one_gpu():
+    result = check_fits("qwen3-pilot", 1, 80)
+    assert result.student == "Qwen/Qwen3-0.6B-Base" and result.teacher == "Qwen/Qwen3-4B"
+    assert result.peak_bytes < 72e9
+
+
+def test_too_small_a_request_is_refused_with_the_plans_numbers():
+    with pytest.raises(ValueError, match=r"family 'qwen3-8b' does not fit 4 x 80 GB: peak \d+\.\d GB") as err:
+        check_fits("qwen3-8b", 4, 80)
+    assert "teacher" in str(err.value) and "optimizer" in str(err.value) or "rollout" in str(err.value)
+    with pytest.raises(ValueError, match="qwen3-pilot"):
+        check_fits("qwen3-pilot", 1, 16)
+
+
+def test_cli_prints_the_plan_as_json(capsys):
+    assert cli_main(["memory-plan", "--family", "qwen3-8b", "--gpus", "8", "--gpu-mem-gb", "80", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["peak_bytes"] == out["phase_bytes"][out["peak_phase"]]
+    names = {c["name"] for c in out["components"]}
+    assert {"student params", "student grads", "optimizer", "teacher", "activations", "logits chunk"} <= names
+    assert cli_main(["memory-plan", "--family", "llama3-8b", "--gpus", "2", "--gpu-mem-gb", "80"]) == 0
+    assert "DOES NOT FIT" in capsys.readouterr().out
