@@ -163,6 +163,13 @@ def _worker(out: Path, folders: Path) -> None:
             results[f"load_{name}_params_are_dtensors"] = all(
                 hasattr(p, "to_local") for p in sharded.parameters()
             )  # fmt: skip
+        if name == "student":
+            # The memory plan's rule (ceil(d0 / W) rows per rank) is what FSDP2 gives rank 0; others get no more.
+            from opdgeom.train.memory_plan import ShardedModel
+
+            planned = ShardedModel.of(plain_student, world.size).shard_params
+            local = sum(p.to_local().numel() for p in sharded.parameters())
+            results[f"shard_rule_rank{world.rank}"] = local == planned if world.is_main else local <= planned
         if frozen:
             results["teacher_requires_grad"] = any(p.requires_grad for p in sharded.parameters())
 
@@ -177,10 +184,12 @@ def _worker(out: Path, folders: Path) -> None:
             plain_BT = token_logprobs(plain_teacher.eval(), ids_BT[rows], mask_BT[rows], chunk_tokens=chunk)
             results[f"teacher_exact_rank{world.rank}_chunk{chunk}"] = bool(torch.equal(sharded_BT, plain_BT))
     # Non-main ranks' flags travel through a gathered tensor.
-    flags = torch.tensor([float(v) for k, v in sorted(results.items()) if k.startswith("teacher_exact")])
+    flags = torch.tensor(
+        [float(v) for k, v in sorted(results.items()) if k.startswith(("teacher_exact", "shard_rule"))]
+    )
     gathered_flags = [torch.zeros_like(flags) for _ in range(world.size)]
     torch.distributed.all_gather(gathered_flags, flags)
-    results["teacher_exact_all_ranks"] = bool(torch.cat(gathered_flags).all())
+    results["teacher_exact_and_shard_rule_all_ranks"] = bool(torch.cat(gathered_flags).all())
 
     # 3. Training: one fp32 process on the whole batch is the reference.
     reference = transformers.AutoModelForCausalLM.from_pretrained(folders / "student", dtype=torch.float32)
@@ -241,11 +250,12 @@ def test_meta_device_rank_by_rank_load_equals_a_plain_load(two_ranks):
         assert two_ranks[f"load_{name}_keys"] and two_ranks[f"load_{name}_equal"], name
         assert two_ranks[f"load_{name}_params_are_dtensors"], name
     assert not two_ranks["teacher_requires_grad"]
+    assert two_ranks["shard_rule_rank0"]  # memory_plan.shard_numel == FSDP2's real shard on rank 0
 
 
 @pytest.mark.distributed
 def test_sharded_bf16_teacher_scores_exactly_like_an_unsharded_one(two_ranks):
-    assert two_ranks["teacher_exact_all_ranks"], two_ranks
+    assert two_ranks["teacher_exact_and_shard_rule_all_ranks"], two_ranks
 
 
 @pytest.mark.distributed
