@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,7 @@ def test_every_layout_gives_the_tables_of_plain_folders(study, page):
 
 def test_renames_ties_dtypes_missing_and_extra_are_handled_and_reported(page):
     out, log = page["out"], page["stderr"]
+    assert re.search(r"\d+/\d+ \[\d+:\d+<\d+:\d+", log)  # the progress bar, with its ETA, on stderr
     assert_frame_equal(table(out, "compare", "quirks"), table(out, "compare", "quirks-ref"))
     assert_frame_equal(table(out, "trajectory", "quirks"), table(out, "trajectory", "quirks-ref"))
     assert "23 tensors renamed onto the base's names (e.g. embed_tokens.weight -> model.embed_tokens.weight)" in log
