@@ -9,13 +9,9 @@ computes that checkpoint's statistics only.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +23,7 @@ from opdgeom.diagnose.sources import Run, detect_run, resolve_model
 from opdgeom.geometry.cache import StatCache
 from opdgeom.geometry.compare import compare_checkpoints
 from opdgeom.geometry.trajectory import trajectory_table
-from opdgeom.io import write_parquet, write_text
+from opdgeom.io import atomic_dir, write_parquet, write_text
 
 COMPARE_FIGURES = ("table1", "rotation", "drift", "localization", "heatmap")
 TRAJECTORY_FIGURES = ("fig4a", "fig4b", "fig4c", "fig5")
@@ -51,21 +47,6 @@ class Prepared:
     run: Run
     base: View
     views: list[View]
-
-
-@contextmanager
-def atomic_dir(out_dir: Path):
-    """A temporary folder beside ``out_dir``, renamed onto it only if the block succeeds."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def file_name(run: str) -> str:
