@@ -85,3 +85,19 @@ def test_cli_prints_the_plan_as_json(capsys):
     assert {"student params", "student grads", "optimizer", "teacher", "activations", "logits chunk"} <= names
     assert cli_main(["memory-plan", "--family", "llama3-8b", "--gpus", "2", "--gpu-mem-gb", "80"]) == 0
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_runs_its_code_path_on_cpu(repo):
+    """benchmarks/bench_train_memory.py --cpu-smoke: FSDP2 over a one-rank gloo group, bf16 policy,
+    activation checkpointing, sharded bf16 teacher, chunked log-probs, OPD loss, AdamW; exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "bench_train_memory.py"), "--cpu-smoke", "--steps", "2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "update" in proc.stdout and "tokens/s" in proc.stdout and "peak" in proc.stdout

@@ -62,6 +62,13 @@ def teardown(world: World) -> None:
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _plain(world: World) -> bool:
+    """One process without a process group: no FSDP. (A caller that creates a one-rank group on purpose,
+    as the GPU benchmark does, gets FSDP2 over one rank: the many-rank precision path on one GPU; setup()
+    never creates one.)"""
+    return world.size == 1 and not dist.is_initialized()
+
+
 def fsdp_units(model) -> list:
     """The modules ``fully_shard`` is applied to, innermost first: every decoder layer, then the root
     (embeddings, final norm, lm_head). One unit's parameters are all-gathered together, so the largest
@@ -100,16 +107,17 @@ def shard(model, world: World, mixed_precision: str = "fp32", activation_checkpo
     reduce-scatters gradients in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``).
     ``activation_checkpointing`` recomputes each decoder layer in backward. The defaults (fp32, no
     checkpointing) are the path every CPU test and the bitwise-resume guarantee were written for.
-    With one process the model is moved to the device and otherwise left as it is (bf16 mixed
-    precision needs FSDP's unsharded compute copy, so one process asking for it is refused).
+    With one process (and no process group) the model is moved to the device and otherwise left as it
+    is (bf16 mixed precision needs FSDP's unsharded compute copy, so one plain process asking for it is
+    refused).
     """
     if mixed_precision not in PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {sorted(PRECISIONS)}, got {mixed_precision!r}")
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    if world.size == 1:
+    if _plain(world):
         if mixed_precision != "fp32":
-            raise ValueError("mixed_precision 'bf16' needs FSDP (torchrun with more than one rank)")
+            raise ValueError("mixed_precision 'bf16' needs FSDP: torchrun with more than one rank, or a one-rank group")
         return model.to(world.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -132,7 +140,7 @@ def shard_frozen(model, world: World, dtype: torch.dtype = torch.bfloat16):
     model.requires_grad_(False).eval()
     if model.device.type != "meta":
         model.to(world.device, dtype)
-    if world.size == 1:
+    if _plain(world):
         return model
     from torch.distributed.fsdp import fully_shard
 
@@ -238,6 +246,14 @@ def global_sum(value: torch.Tensor, world: World) -> torch.Tensor:
     value = value.detach().clone().to(world.device)
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def global_max(value: int, world: World) -> int:
+    if world.size == 1:
+        return value
+    tensor = torch.tensor(value, device=world.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
 
 
 def full_tensor(value):

@@ -274,11 +274,36 @@ def plan(
     if gpus < 1 or gpu_mem_gb <= 0:
         raise ValueError(f"memory plan: need gpus >= 1 and gpu_mem_gb > 0, got {gpus}, {gpu_mem_gb}")
     settings = {"batch_size": 64, "group_size": 8, "max_new_tokens": 1024, **(train or {}), **family.get("train", {})}
-    W = gpus
     student_name, s_shape = _largest(family, ("student", "student_alt"))
     teacher_name, t_shape = _largest(family, ("teacher", "teacher_alt"))
+    return plan_shapes(
+        family["name"], (student_name, s_shape), (teacher_name, t_shape), gpus, gpu_mem_gb, settings,
+        micro_batch_tokens, chunk_tokens, headroom, rollout_engine, frozen_copies,
+    )  # fmt: skip
+
+
+def plan_shapes(
+    family_name: str,
+    student: tuple[str, ModelShape],
+    teacher: tuple[str, ModelShape],
+    gpus: int,
+    gpu_mem_gb: float,
+    settings: dict,
+    micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    headroom: float = DEFAULT_HEADROOM,
+    rollout_engine: bool = True,
+    frozen_copies: int = 1,
+    mixed_precision: str | None = None,
+) -> MemoryPlan:
+    """``plan`` for explicit (name, shape) pairs (the benchmark's few-layer models). ``mixed_precision``
+    defaults to bf16 under FSDP (gpus > 1) and fp32 for one plain process; "bf16" with one GPU is FSDP2
+    over a one-rank group (what the GPU benchmark runs)."""
+    (student_name, s_shape), (teacher_name, t_shape) = student, teacher
+    W = gpus
     s, t = sharded(s_shape, W), sharded(t_shape, W)
-    compute = BF16 if W > 1 else FP32  # the gathered compute copy's dtype
+    fsdp = (mixed_precision or ("bf16" if W > 1 else "fp32")) == "bf16" or W > 1
+    compute = BF16 if fsdp else FP32  # the gathered compute copy's dtype
     upcast = FP32 if compute != FP32 else 0  # token_logprobs upcasts bf16 logits to fp32 (a no-op for fp32)
     N, H, L = micro_batch_tokens, s_shape.hidden_size, s_shape.num_hidden_layers
     per_token = 4 * H + 2 * s_shape.q_dim + 4 * s_shape.kv_dim + s_shape.q_dim + 4 * s_shape.intermediate_size
@@ -295,7 +320,7 @@ def plan(
             "frozen copies", frozen_copies * BF16 * s.shard_params, f"{frozen_copies} x 2 B x sharded student params"
         ),
     ]
-    if W > 1:
+    if fsdp:
         components += [
             Component(
                 "student gathered",
@@ -343,7 +368,7 @@ def plan(
             ),
         ]
     return MemoryPlan(
-        family=family["name"], gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GB), headroom=headroom,
+        family=family_name, gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GB), headroom=headroom,
         student=student_name, teacher=teacher_name, student_params=s.params, teacher_params=t.params,
         micro_batch_tokens=N, chunk_tokens=chunk_tokens, components=tuple(components),
     )  # fmt: skip

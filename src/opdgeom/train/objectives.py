@@ -46,7 +46,9 @@ def chunked_token_logprobs(
             pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h_CH, y_C, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(lm_head, h_CH, y_C))
-    return torch.cat(pieces).view(B, T - 1)
+    # A fresh tensor, not a view of the flat one: FSDP2 hooks its pre-backward onto this output, and a view's
+    # hook would be lost by any later in-place op.
+    return torch.cat(pieces).view(B, T - 1).clone()
 
 
 def token_logprobs(
