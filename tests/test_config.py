@@ -32,7 +32,7 @@ def test_default_config_plans_the_study():
     s = study(base_config())
     assert "sft" in s.runs and "teacher.math" in s.runs
     assert s.runs["teacher.math"].init == "teacher" and s.runs["sft"].init == "student"
-    assert s.runs["sft"].checkpoint_steps[-1] == s.runs["sft"].train["steps"]
+    assert s.runs["sft"].checkpoint_steps[-1] == s.runs["sft"].train.steps
 
 
 @pytest.mark.parametrize(
@@ -88,9 +88,9 @@ def test_run_overrides_merge_over_family_and_defaults():
     config = with_runs({"name": "long", "method": "sft", "init": "student", "train": {"steps": 7}})
     config["family_overrides"] = {"train": {"lr": 0.5}}
     s = study(config)
-    assert s.runs["long"].train["steps"] == 7
-    assert s.runs["long"].train["lr"] == 0.5
-    assert s.runs["long"].train["batch_size"] == base_config()["train"]["batch_size"]
+    assert s.runs["long"].train.steps == 7
+    assert s.runs["long"].train.lr == 0.5
+    assert s.runs["long"].train.batch_size == base_config()["train"]["batch_size"]
 
 
 def test_snakemake_refuses_bad_config_before_any_job(tmp_path):

@@ -25,7 +25,13 @@ def _train(tiny, spec, out, nproc: int, extra=()) -> subprocess.CompletedProcess
 
 
 def test_two_ranks_match_one_process_on_the_same_global_batch(tiny, tmp_path):  # noqa: F811
-    spec = {"name": "dp", "method": "sft", "domain": "math", "train": {**SETTINGS, "steps": 4, "checkpoint_every": 2}}
+    spec = {
+        "name": "dp",
+        "method": "sft",
+        "init": "student",
+        "domain": "math",
+        "train": {**SETTINGS, "steps": 4, "checkpoint_every": 2},
+    }
     one = _train(tiny, spec, tmp_path / "one", nproc=1)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _train(tiny, spec, tmp_path / "two", nproc=2)
@@ -46,7 +52,13 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tiny, tmp_path):  
 
 
 def test_two_ranks_run_on_policy_distillation(tiny, tmp_path):  # noqa: F811
-    spec = {"name": "dp", "method": "opd", "domain": "math", "train": {**SETTINGS, "steps": 2, "checkpoint_every": 2}}
+    spec = {
+        "name": "dp",
+        "method": "opd",
+        "init": "student",
+        "domain": "math",
+        "train": {**SETTINGS, "steps": 2, "checkpoint_every": 2},
+    }
     two = _train(tiny, spec, tmp_path / "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     final = load_file(tmp_path / "two" / "step_000002" / "model.safetensors")
@@ -58,7 +70,7 @@ def test_two_ranks_sample_from_a_lagged_copy(tiny, tmp_path):  # noqa: F811
     """Off-policy control under FSDP: every rank holds a whole, unsharded copy of the policy,
     refreshed from the gathered weights every `lag` steps and saved with the trainer state."""
     spec = {
-        "name": "dp", "method": "opd", "domain": "math", "behaviour": {"policy": "lagged", "lag": 2},
+        "name": "dp", "method": "opd", "init": "student", "domain": "math", "behaviour": {"policy": "lagged", "lag": 2},
         "train": {**SETTINGS, "steps": 3, "checkpoint_every": 2},
     }  # fmt: skip
     two = _train(tiny, spec, tmp_path / "two", nproc=2)
@@ -76,12 +88,13 @@ def test_two_ranks_sample_from_a_lagged_copy(tiny, tmp_path):  # noqa: F811
 def test_two_ranks_train_inside_a_subspace(tiny, tmp_path):  # noqa: F811
     """Subspace-projected training under FSDP: each rank projects the rows it holds; the result is the
     one-process run's, and the cumulative update stays inside the subspace."""
-    reference = {"name": "ref", "method": "sft", "domain": "math", "train": {**SETTINGS, "steps": 2}}
+    reference = {"name": "ref", "method": "sft", "init": "student", "domain": "math", "train": {**SETTINGS, "steps": 2}}
     ref = _train(tiny, reference, tmp_path / "ref", nproc=1)
     assert ref.returncode == 0, ref.stderr[-3000:]
     extra = ["--projection-reference", str(tiny["init"]), str(tmp_path / "ref" / "step_000002")]
     spec = {
-        "name": "dp", "method": "sft", "domain": "math", "train": {**SETTINGS, "steps": 4, "checkpoint_every": 2},
+        "name": "dp", "method": "sft", "init": "student", "domain": "math",
+        "train": {**SETTINGS, "steps": 4, "checkpoint_every": 2},
         "projection": {"mode": "update", "rank": 4, "reference": "ref", "at_fraction": 0.5},
     }  # fmt: skip
     runs = {n: _train(tiny, spec, tmp_path / f"p{n}", nproc=n, extra=extra) for n in (1, 2)}

@@ -12,17 +12,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from opdgeom.manifest import read_manifest
 from opdgeom.models import load_model
-from opdgeom.train.loop import NonFiniteError, read_manifest
+from opdgeom.spec import RunSpec
+from opdgeom.train.loop import NonFiniteError
 from opdgeom.train.projection import SubspaceProjection
 from opdgeom.train.run import train_run
 
 from conftest import SETTINGS
 
 
-def run_spec(method="opd", **options) -> dict:
+def run_spec(method="opd", **options) -> RunSpec:
     settings = {**SETTINGS, **options.pop("train", {})}
-    return {"name": "t", "method": method, "domain": "math", "train": settings, **options}
+    return RunSpec.from_json(
+        {"name": "t", "method": method, "init": "student", "domain": "math", "train": settings, **options}
+    )
 
 
 @pytest.mark.parametrize(
@@ -47,7 +51,7 @@ def test_every_method_trains_and_writes_bf16_checkpoints(tiny, tmp_path, spec):
     w1 = load_file(Path(checkpoints[-1]["path"]) / "model.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in w1.values())
     name = "model.layers.0.mlp.down_proj.weight"
-    if spec["method"] == "rlvr":
+    if spec.method == "rlvr":
         # An untrained model never earns a reward: every GRPO advantage is 0, so AdamW leaves the
         # weights exactly where they were (a silent update here would be a bug).
         assert torch.equal(w0[name], w1[name])
@@ -57,7 +61,7 @@ def test_every_method_trains_and_writes_bf16_checkpoints(tiny, tmp_path, spec):
 
 def _train_cmd(tiny, spec, out) -> list[str]:
     return [
-        sys.executable, "-m", "opdgeom", "train", "--spec", json.dumps(spec), "--init", str(tiny["init"]),
+        sys.executable, "-m", "opdgeom", "train", "--spec", json.dumps(spec.to_json()), "--init", str(tiny["init"]),
         "--teacher", str(tiny["teacher"]), "--train-data", str(tiny["data"]), "--out", str(out), "--seed", "3",
     ]  # fmt: skip
 

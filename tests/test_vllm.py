@@ -24,7 +24,7 @@ from opdgeom.rollout import HFEngine  # noqa: E402
 from opdgeom.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from opdgeom.tasks import MathTask, split  # noqa: E402
 from opdgeom.tokenizer import build_char_tokenizer  # noqa: E402
-from opdgeom.train.batches import encode_prompt, pack  # noqa: E402
+from opdgeom.tokens import encode_prompt, pack  # noqa: E402
 from opdgeom.train.methods import SFTMethod  # noqa: E402
 from opdgeom.train.objectives import opd_advantages, pg_loss, token_logprobs  # noqa: E402
 
@@ -228,7 +228,7 @@ def test_training_loop_runs_opd_with_the_vllm_engine(world, tmp_path):
         "steps": 4, "batch_size": 4, "lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 1, "grad_clip": 1.0,
         "checkpoint_every": 2, "max_new_tokens": 16, "temperature": 1.0, "group_size": 2, "rollout_engine": "vllm",
     }  # fmt: skip
-    spec = {"name": "v", "method": "opd", "domain": "math", "train": settings}
+    spec = {"name": "v", "method": "opd", "init": "student", "domain": "math", "train": settings}
     cmd = [
         sys.executable, "-m", "opdgeom", "train", "--spec", json.dumps(spec), "--init", str(world.root / "student"),
         "--teacher", str(world.root / "teacher"), "--train-data", str(tmp_path / "train.jsonl"),

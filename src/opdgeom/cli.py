@@ -66,10 +66,11 @@ def _fetch_models(args) -> None:
 
 
 def _train(args) -> None:
+    from opdgeom.spec import RunSpec
     from opdgeom.train.run import train_run
 
     train_run(
-        json.loads(args.spec),
+        RunSpec.from_json(json.loads(args.spec), where="--spec"),
         args.init,
         args.train_data,
         args.out,
@@ -80,7 +81,7 @@ def _train(args) -> None:
 
 
 def _checkpoints(args) -> list[dict]:
-    from opdgeom.train.loop import read_manifest
+    from opdgeom.manifest import read_manifest
 
     if args.manifest:
         return read_manifest(args.manifest)
@@ -124,10 +125,12 @@ def _print_summary(table) -> None:
     (embeddings, lm_head and 1-D tensors are in the table, not in this summary)."""
     import polars as pl
 
+    from opdgeom.figures.tables import weighted_mean
+
     per_tensor = table.filter(~pl.col("tensor").str.contains(":"), pl.col("kind") == "matrix")
     summary = (
         per_tensor.group_by("module", "metric")
-        .agg(value=(pl.col("value") * pl.col("parameters")).sum() / pl.col("parameters").sum())
+        .agg(value=weighted_mean())
         .sort("module")
         .pivot(on="module", index="metric", values="value")
         .sort("metric")
@@ -140,11 +143,11 @@ def _trajectory(args) -> None:
     import polars as pl
 
     from opdgeom.geometry.trajectory import trajectory_table
-    from opdgeom.train.loop import read_manifest
+    from opdgeom.manifest import MANIFEST, read_manifest, run_name
 
-    manifest = args.run_dir / "manifest.json"
+    manifest = args.run_dir / MANIFEST
     checkpoints = read_manifest(manifest)
-    run = json.loads(manifest.read_text())["run"]["name"]
+    run = run_name(manifest)
     table = trajectory_table(
         {c["step"]: c["path"] for c in checkpoints}, K=args.k, cache=args.cache, device=args.device
     )

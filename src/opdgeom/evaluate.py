@@ -8,12 +8,12 @@ from pathlib import Path
 
 import polars as pl
 
+from opdgeom.device import local_device
 from opdgeom.models import load_model, load_tokenizer
 from opdgeom.rollout import HFEngine
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
-from opdgeom.train.batches import encode_prompt
-from opdgeom.train.distributed import local_device
+from opdgeom.tokens import encode_prompt
 
 
 def accuracy(model_dir: str | Path, examples, task, max_new_tokens: int, batch_size: int) -> dict:

@@ -6,13 +6,14 @@ is planned here. Paths are relative to the working directory, under ``<results_d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opdgeom.config import ConfigError, deep_merge, load_family, validate
+from opdgeom.spec import METHODS_NEEDING_TEACHER, Behaviour, Projection, RunSpec, TokenMask, TrainSettings
 from opdgeom.tasks import known_domains
 
-METHODS_NEEDING_TEACHER = ("opd", "mix")
 # Which table each figure is drawn from (opdgeom.figures.FIGURES has the functions; a test keeps
 # the two in step) and which files it writes.
 FIGURE_DATA = {
@@ -36,28 +37,28 @@ class FigureSpec:
         return ("csv", "md") if self.name == "table1" else ("png", "pdf", "csv")
 
 
-OPTION_KEYS = ("alpha", "token_mask", "behaviour", "projection")
+OPTION_CLASSES = {"token_mask": TokenMask, "behaviour": Behaviour, "projection": Projection}
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """One training run, fully resolved: what to train, from where, with which settings."""
+class TrainResources:
+    """How one training job runs: ``nodes`` x ``gpus_per_node`` ranks (torchrun, FSDP2) for hub
+    families (default one node of 8 GPUs), one process for built (tiny) ones."""
 
-    name: str
-    method: str
-    init: str  # a model of the family or another run's name
-    domain: str
-    teacher: str | None  # a model of the family; Study.teacher_ref says which checkpoint serves it
-    train: dict = field(hash=False)
-    options: dict = field(default_factory=dict, hash=False)  # alpha, token_mask, behaviour, projection
+    nodes: int = 1
+    gpus_per_node: int = 1
 
     @property
-    def checkpoint_steps(self) -> list[int]:
-        every, steps = self.train["checkpoint_every"], self.train["steps"]
-        return sorted({*range(every, steps + 1, every), steps})
+    def nproc_per_node(self) -> int:
+        return self.gpus_per_node
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "method": self.method, "domain": self.domain, "train": self.train, **self.options}
+    def job_resources(self) -> dict:
+        """Rule train's resources. One node: ``gpu`` GPUs (the Slurm plugin's --gpus). Several: the
+        plugin's multi-node form, gres per node, one task per node, the shell run once (mpi)."""
+        common = {"nodes": self.nodes, "nproc_per_node": self.nproc_per_node}
+        if self.nodes == 1:
+            return {**common, "gpu": self.gpus_per_node}
+        return {**common, "gres": f"gpu:{self.gpus_per_node}", "tasks": self.nodes, "tasks_per_gpu": 0, "mpi": "srun"}
 
 
 class Study:
@@ -79,6 +80,7 @@ class Study:
         self.results = Path(config["results_dir"]) / self.name
         self.cache_dir = Path(config["cache_dir"])
         self.models = family["models"]
+        self.train_resources = self._train_resources(family)
         self.runs = self._resolve_runs(config["runs"])
         self.figures = self._resolve_figures(config["figures"])
 
@@ -102,14 +104,18 @@ class Study:
             teacher = entry.get("teacher", "teacher") if entry["method"] in METHODS_NEEDING_TEACHER else None
             if teacher is not None and teacher not in self.models:
                 raise ConfigError(f"{where}.teacher: unknown model {teacher!r}; models: {', '.join(self.models)}")
+            options = {k: cls(**entry[k]) for k, cls in OPTION_CLASSES.items() if k in entry}
             runs[name] = RunSpec(
                 name=name,
                 method=entry["method"],
                 init=entry["init"],
                 domain=entry.get("domain", self.data["domain"]),
                 teacher=teacher,
-                train=deep_merge(self.train_defaults, entry.get("train", {})),
-                options={k: entry[k] for k in OPTION_KEYS if k in entry},
+                train=TrainSettings.from_dict(
+                    deep_merge(self.train_defaults, entry.get("train", {})), f"{where}.train"
+                ),
+                alpha=entry.get("alpha"),
+                **options,
             )
             self._check_options(where, runs[name])
         domains = known_domains()
@@ -122,7 +128,7 @@ class Study:
                 known = ", ".join([*self.models, *runs])
                 raise ConfigError(f"config: runs[{i}].init: unknown model or run {spec.init!r}; known: {known}")
         for i, spec in enumerate(runs.values()):
-            reference = spec.options.get("projection", {}).get("reference")
+            reference = spec.projection.reference if spec.projection else None
             if reference is not None and reference not in runs:
                 raise ConfigError(f"config: runs[{i}].projection.reference: unknown run {reference!r}")
         self._check_acyclic(runs)
@@ -173,12 +179,18 @@ class Study:
         return {**derived.get(name, {}), **options}
 
     @staticmethod
+    def _train_resources(family: dict) -> TrainResources:
+        hub = any(m["source"] == "hub" for m in family["models"].values())
+        default = TrainResources(nodes=1, gpus_per_node=8 if hub else 1)
+        return TrainResources(**{**dataclasses.asdict(default), **family.get("train_resources", {})})
+
+    @staticmethod
     def _check_options(where: str, spec: RunSpec) -> None:
-        if spec.method == "mix" and "alpha" not in spec.options:
+        if spec.method == "mix" and spec.alpha is None:
             raise ConfigError(f"{where}.alpha: required for method 'mix'")
-        if spec.method == "sft" and ({"token_mask", "behaviour", "alpha"} & set(spec.options)):
+        if spec.method == "sft" and (spec.token_mask or spec.behaviour or spec.alpha is not None):
             raise ConfigError(f"{where}: token_mask, behaviour and alpha apply to policy-gradient methods only")
-        if spec.options.get("token_mask", {}).get("select") == "top" and spec.method == "rlvr":
+        if spec.token_mask and spec.token_mask.select == "top" and spec.method == "rlvr":
             raise ConfigError(f"{where}.token_mask.select: 'top' ranks tokens by teacher KL; rlvr has no teacher")
 
     @staticmethod
@@ -190,8 +202,8 @@ class Study:
                     raise ConfigError(f"config: runs: init forms a cycle: {' -> '.join([*seen, name])}")
                 seen.append(name)
                 name = runs[name].init
-            reference = runs[start].options.get("projection", {}).get("reference")
-            if reference == start:
+            projection = runs[start].projection
+            if projection is not None and projection.reference == start:
                 raise ConfigError(f"config: runs: {start!r} cannot be its own projection reference")
 
     def _teacher_finetunes(self, runs: dict[str, RunSpec]) -> dict[str, RunSpec]:
@@ -204,7 +216,8 @@ class Study:
                 continue
             name = self.teacher_run_name(teacher, domain)
             settings = deep_merge(self.train_defaults, self.family.get("teacher_finetune", {}))
-            extra[name] = RunSpec(name, "sft", teacher, domain, None, settings)
+            train = TrainSettings.from_dict(settings, f"{self.name}: teacher_finetune")
+            extra[name] = RunSpec(name, "sft", teacher, domain, None, train)
         return extra
 
     def teacher_run_name(self, teacher: str, domain: str) -> str:
@@ -233,7 +246,7 @@ class Study:
         return self.run_dir(run) / f"step_{step:06d}"
 
     def final_checkpoint(self, run: str) -> Path:
-        return self.checkpoint_dir(run, self.runs[run].train["steps"])
+        return self.checkpoint_dir(run, self.runs[run].train.steps)
 
     def ref_path(self, ref: str) -> Path:
         """A model of the family or a run's final checkpoint."""
@@ -245,9 +258,9 @@ class Study:
 
     def projection_checkpoint(self, run: str) -> tuple[str, int]:
         """(reference run, its checkpoint step nearest to at_fraction of its training)."""
-        p = self.runs[run].options["projection"]
-        ref = self.runs[p["reference"]]
-        target = p["at_fraction"] * ref.train["steps"]
+        p = self.runs[run].projection
+        ref = self.runs[p.reference]
+        target = p.at_fraction * ref.train.steps
         return ref.name, min(ref.checkpoint_steps, key=lambda step: (abs(step - target), step))
 
     def teacher_ref(self, teacher: str, domain: str) -> str:

@@ -56,9 +56,12 @@ def profile_for_local_cluster(tmp_path: Path, **set_resources) -> Path:
     return tmp_path / "profile"
 
 
-def run_smoke(profile: Path, results: Path, *targets: str) -> subprocess.CompletedProcess:
+def run_smoke(
+    profile: Path, results: Path, *targets: str, configfiles: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", str(profile), "--configfile", "config/smoke.yaml",
+        [sys.executable, "-m", "snakemake", "--profile", str(profile),
+         "--configfile", "config/smoke.yaml", *configfiles,
          "--config", f"results_dir={results}", f"cache_dir={results}/cache", "--rerun-triggers", "mtime",
          "--", *targets],
         cwd=REPO, capture_output=True, text=True,
@@ -67,6 +70,8 @@ def run_smoke(profile: Path, results: Path, *targets: str) -> subprocess.Complet
 
 def expected_request(rule: str) -> dict:
     resources = {**PROFILE["default-resources"], **PROFILE["set-resources"].get(rule, {})}
+    if rule == "train":
+        resources["gpu"] = 1  # rule train sets its GPUs from the family: a tiny one trains in one process
     return {
         "JobState": "COMPLETED",
         "Partition": resources["slurm_partition"],
@@ -113,15 +118,22 @@ def test_smoke_study_through_sbatch_matches_a_local_run(cluster, tmp_path, smoke
 
 
 def test_training_spans_two_nodes(cluster, tmp_path, smoke):
-    """Rule train with nodes=2, as profiles/slurm documents it: sbatch --nodes=2, the job step runs
-    the rule's shell once, srun starts one torchrun per node, and FSDP2 (gloo) joins one rank per
-    node. The result is the smoke study's one-process SFT run up to float summation order."""
+    """A family asking for two nodes (train_resources: {nodes: 2, gpus_per_node: 1}): rule train
+    becomes sbatch --nodes=2, the job step runs the rule's shell once, srun starts one torchrun per
+    node, and FSDP2 (gloo) joins one rank per node. The result is the smoke study's one-process SFT
+    run up to float summation order."""
     results = tmp_path / "results"  # the smoke study's outputs less the run: only training is left
     shutil.copytree(smoke.parent, results, ignore=lambda folder, names: ["sft"] if folder.endswith("runs") else [])
-    train = {k: v for k, v in PROFILE["set-resources"]["train"].items() if k not in ("gpu", "gpu_model")}
-    train.update(nodes=2, nproc_per_node=1, gres="gpu:h100:1", tasks=2, tasks_per_gpu=0, mpi="srun", cpus_per_task=1)
+    # Typed GPUs go into gres on several nodes (--gpus would count GPUs per job): no gpu_model here.
+    train = {k: v for k, v in PROFILE["set-resources"]["train"].items() if k != "gpu_model"}
+    train.update(cpus_per_task=1)
+    two_nodes_config = tmp_path / "two_nodes.yaml"
+    two_nodes_config.write_text(
+        yaml.safe_dump({"family_overrides": {"train_resources": {"nodes": 2, "gpus_per_node": 1}}})
+    )
     run = results / "tiny-qwen3" / "runs" / "sft"
-    proc = run_smoke(profile_for_local_cluster(tmp_path, train=train), results, str(run / "manifest.json"))
+    profile = profile_for_local_cluster(tmp_path, train=train)
+    proc = run_smoke(profile, results, str(run / "manifest.json"), configfiles=(two_nodes_config,))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     [(jobid, _)] = SUBMITTED.findall(log)

@@ -4,6 +4,7 @@ import os
 import shlex
 from pathlib import Path
 
+from opdgeom.launch import launch_command
 from opdgeom.plan import Study
 
 STUDY = Study.from_config(
@@ -19,6 +20,7 @@ LOGS = f"{RES}/logs"
 CACHE = str(STUDY.cache_dir)
 DIAGNOSE = STUDY.diagnose
 RUNS = list(STUDY.runs)
+TRAIN_RESOURCES = STUDY.train_resources.job_resources()
 
 
 wildcard_constraints:
@@ -43,7 +45,7 @@ def run_inputs(wildcards):
     inputs = {"init": str(STUDY.ref_marker(spec.init)), "train_data": str(STUDY.data_file(spec.domain, "train"))}
     if spec.teacher:
         inputs["teacher"] = str(STUDY.ref_marker(STUDY.teacher_ref(spec.teacher, spec.domain)))
-    if "projection" in spec.options:
+    if spec.projection:
         reference, _ = STUDY.projection_checkpoint(wildcards.run)
         inputs["reference"] = str(STUDY.manifest(reference))
     return inputs
@@ -55,7 +57,7 @@ def run_flags(wildcards):
     flags = f"--init {STUDY.ref_path(spec.init)}"
     if spec.teacher:
         flags += f" --teacher {STUDY.ref_path(STUDY.teacher_ref(spec.teacher, spec.domain))}"
-    if "projection" in spec.options:
+    if spec.projection:
         reference, step = STUDY.projection_checkpoint(wildcards.run)
         ref_init = STUDY.ref_path(STUDY.runs[reference].init)
         flags += f" --projection-reference {ref_init} {STUDY.checkpoint_dir(reference, step)}"

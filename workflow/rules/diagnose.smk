@@ -14,7 +14,7 @@ rule compare:
     params:
         init=lambda wc: STUDY.ref_path(STUDY.runs[wc.run].init),
         final=lambda wc: STUDY.final_checkpoint(wc.run),
-        step=lambda wc: STUDY.runs[wc.run].train["steps"],
+        step=lambda wc: STUDY.runs[wc.run].train.steps,
         d=DIAGNOSE,
         cache=CACHE,
     shell:

@@ -21,6 +21,7 @@ from opdgeom.figures.tables import (
     require_runs,
     run_order,
     select_runs,
+    weighted_mean,
     write_csv,
 )
 
@@ -76,10 +77,7 @@ def heatmap_figure(
         cells = (
             rows.with_columns(value=transform(pl.col("value")).fill_nan(None))
             .group_by("run", "layer", "module")
-            .agg(
-                value=(pl.col("value") * pl.col("parameters")).sum()
-                / pl.col("parameters").filter(pl.col("value").is_not_null()).sum()
-            )
+            .agg(value=weighted_mean())
         )
         parts.append(cells.with_columns(metric=pl.lit(shown)))
     data = pl.concat(parts, how="vertical_relaxed")

@@ -96,13 +96,18 @@ def layer_matrices(rows: pl.DataFrame) -> pl.DataFrame:
     return rows.filter(pl.col("kind") == "matrix", pl.col("layer").is_not_null(), ~pl.col("tensor").str.contains(":"))
 
 
+def weighted_mean(value: pl.Expr = pl.col("value")) -> pl.Expr:
+    """Parameter-weighted mean of ``value`` over a group's tensors; null values carry no weight."""
+    return (value * pl.col("parameters")).sum() / pl.col("parameters").filter(value.is_not_null()).sum()
+
+
 def summarise(rows: pl.DataFrame, by: list[str], how: str) -> pl.DataFrame:
     """One value per ``by`` group from per-matrix ``value``s. NaN values are left out and counted in n.
 
     how: "median" (also q25/q75), "mean", "max", "weighted_mean" (by ``parameters``), or
     "root_sum_square" (sqrt of the summed squares: the Frobenius norm of all matrices together).
     """
-    value, weight = pl.col("value"), pl.col("parameters")
+    value = pl.col("value")
     exprs = {
         "median": [
             value.median(),
@@ -111,7 +116,7 @@ def summarise(rows: pl.DataFrame, by: list[str], how: str) -> pl.DataFrame:
         ],
         "mean": [value.mean()],
         "max": [value.max()],
-        "weighted_mean": [(value * pl.col("parameters")).sum() / weight.filter(value.is_not_null()).sum()],
+        "weighted_mean": [weighted_mean(value)],
         "root_sum_square": [(value**2).sum().sqrt()],
     }
     if how not in exprs:

@@ -15,7 +15,7 @@ class Rollouts:
 
 
 class SamplingEngine(ABC):
-    """Samples completions from a policy and scores given tokens under it."""
+    """Samples completions from a policy (scoring given tokens is an engine's own extra, e.g. VLLMEngine.score)."""
 
     @abstractmethod
     def sample(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> Rollouts:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from opdgeom.rollout.base import Rollouts, SamplingEngine
-from opdgeom.train.batches import left_pad
+from opdgeom.tokens import left_pad
 
 
 class HFEngine(SamplingEngine):

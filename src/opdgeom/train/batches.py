@@ -1,49 +1,12 @@
-"""Token-level batches: encode examples, pad prompts for generation, pack prompt+completion rows."""
+"""Which examples a step trains on (a pure function of (seed, step), so a resumed run replays them),
+and the token batch a step trains on, split into micro-batches by a token budget."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
-
-
-def encode_completion(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask (generation continues from the right edge)."""
-    width = max(len(r) for r in rows)
-    ids_BT = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask_BT = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids_BT[i, width - len(row) :] = torch.tensor(row)
-            mask_BT[i, width - len(row) :] = 1
-    return ids_BT, mask_BT
-
-
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+completion rows.
-
-    ``target_mask_BT`` marks positions t whose *next* token (t+1) is a completion token, so that
-    ``logits[:, :-1]`` scored against ``input_ids[:, 1:]`` lines up with it after a shift.
-    """
-    rows = [p + c for p, c in zip(prompts, completions)]
-    width = max(len(r) for r in rows)
-    ids_BT = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn_BT = torch.zeros((len(rows), width), dtype=torch.long)
-    target_mask_BT = torch.zeros((len(rows), width - 1), dtype=torch.float32)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids_BT[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attn_BT[i, : len(p) + len(c)] = 1
-        target_mask_BT[i, max(len(p) - 1, 0) : len(p) + len(c) - 1] = 1.0
-    return {"input_ids": ids_BT, "attention_mask": attn_BT, "target_mask": target_mask_BT}
 
 
 def epoch_batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -62,3 +25,65 @@ def epoch_batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> 
 def _epoch_permutation(n_items: int, seed: int, epoch: int) -> tuple[int, ...]:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return tuple(torch.randperm(n_items, generator=gen).tolist())
+
+
+@dataclass
+class TokenBatch:
+    """One step's rows on this rank: right-padded prompt+completion ids, the positions that train,
+    and whatever per-row tensors a method's loss reads (``*_BT``: one value per target position;
+    ``*_B``: one per row).
+
+    ``normalizer`` is the loss denominator of the whole step (the global kept-token count / W), fixed
+    before the step is split into micro-batches, so the micro-batch losses add up to the step's.
+    """
+
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    target_mask_BT: torch.Tensor  # (B, T-1): position t trains when token t+1 is a kept completion token
+    normalizer: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids_BT.shape[0]
+
+    def select(self, rows: list[int]) -> TokenBatch:
+        """Some rows, cut to their own longest length (right padding beyond it is never attended)."""
+        width = max(1, int(self.attention_mask_BT[rows].sum(dim=1).max()))
+        index = torch.tensor(rows, device=self.input_ids_BT.device)
+
+        def cut(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.index_select(0, index)
+            return tensor[:, : width - 1] if name.endswith("_BT") else tensor
+
+        return TokenBatch(
+            self.input_ids_BT.index_select(0, index)[:, :width],
+            self.attention_mask_BT.index_select(0, index)[:, :width],
+            cut("target_mask_BT", self.target_mask_BT),
+            self.normalizer,
+            {name: cut(name, tensor) for name, tensor in self.extra.items()},
+        )
+
+    def split(self, max_tokens: int | None, n_parts: int | None = None) -> list[list[int]]:
+        """Consecutive row groups whose padded size (rows x longest row) stays within ``max_tokens``
+        (a longer row gets a group of its own); with ``n_parts``, at least that many groups (ranks of
+        one FSDP job must run the same number of forward/backward passes)."""
+        lengths = self.attention_mask_BT.sum(dim=1).tolist()
+        groups: list[list[int]] = []
+        for row, length in enumerate(lengths):
+            if groups and max_tokens is not None:
+                widest = max(length, *(lengths[r] for r in groups[-1]))
+                if widest * (len(groups[-1]) + 1) <= max_tokens:
+                    groups[-1].append(row)
+                    continue
+            if groups and max_tokens is None:
+                groups[-1].append(row)
+                continue
+            groups.append([row])
+        while n_parts is not None and len(groups) < n_parts:
+            largest = max(range(len(groups)), key=lambda i: (len(groups[i]), -i))
+            if len(groups[largest]) < 2:
+                raise ValueError(f"cannot split {self.rows} rows into {n_parts} micro-batches")
+            half = len(groups[largest]) // 2
+            groups[largest : largest + 1] = [groups[largest][:half], groups[largest][half:]]
+        return groups

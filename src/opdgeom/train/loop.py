@@ -1,22 +1,25 @@
 """One straight training loop for every method: SFT, OPD, RLVR, mixtures, pretraining.
 
-A method supplies ``batch(model, step)`` (demonstrations or scored rollouts, no gradient) and
-``loss(model, batch)``; everything else — optimizer, schedule, precision, clipping, checkpoints,
-resume — is shared, so differences in the weights come from the objective alone.
+A method supplies ``batch(model, step)`` (demonstrations or scored rollouts, no gradient),
+``loss(model, micro_batch)`` and ``stats``; everything else (micro-batching with gradient
+accumulation, optimizer, schedule, precision, clipping, checkpoints, resume) is shared, so
+differences in the weights come from the objective alone.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from opdgeom.io import atomic_path
 from opdgeom.models import save_model
+from opdgeom.spec import TrainSettings
 from opdgeom.train.distributed import (
     SINGLE,
     World,
@@ -24,6 +27,7 @@ from opdgeom.train.distributed import (
     full_model_state,
     full_optimizer_state,
     full_tensor,
+    global_max,
     load_full_state,
 )
 
@@ -47,9 +51,8 @@ def lr_lambda(warmup: int, steps: int):
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def log(msg: str) -> None:
@@ -61,30 +64,32 @@ def train(
     model,
     tokenizer,
     method,
-    settings: dict,
+    settings: TrainSettings,
     run_dir: str | Path,
-    checkpoint_steps: list[int],
     fingerprint: str,
     projection=None,
     world: World = SINGLE,
 ) -> list[dict]:
-    """Train ``model`` in place for ``settings['steps']`` steps; return the checkpoint records.
+    """Train ``model`` in place for ``settings.steps`` steps; return the checkpoint records.
 
     Resumes from ``run_dir/trainer_state.pt`` when it exists and its fingerprint matches (weights,
     optimizer, schedule, records). The data position and every random draw are pure functions of
     (seed, step), so a resumed run replays exactly what the uninterrupted run would have done;
     state a method carries across steps (a lagged behaviour copy) is saved with the rest.
+    Each step's rows go through forward and backward in micro-batches of at most
+    ``settings.micro_batch_tokens`` padded tokens; the method fixed the loss normalizer for the whole
+    step, so the accumulated gradient is the whole batch's.
     ``projection`` (optional) constrains gradients after backward or weights after each update.
     Under torchrun (``world.size`` > 1) the model arrives sharded; rank 0 writes checkpoints and
     state gathered from every rank.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    steps = settings["steps"]
+    steps, checkpoint_steps = settings.steps, settings.checkpoint_steps
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings["lr"], betas=(0.9, 0.95), weight_decay=settings["weight_decay"]
+        model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings["warmup_steps"], steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, steps))
     records: list[dict] = []
     start, tokens_seen, wall_before = 0, 0, 0.0
 
@@ -106,14 +111,22 @@ def train(
         t0 = time.perf_counter()
         batch = method.batch(model, step)
         t_batch = time.perf_counter() - t0
-        loss, stats = method.loss(model, batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"step {step + 1}: loss is {loss.item()}; stopping before any checkpoint")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Ranks of one FSDP job must run the same number of forward/backward passes.
+        groups = batch.split(settings.micro_batch_tokens)
+        groups = batch.split(settings.micro_batch_tokens, n_parts=global_max(len(groups), world))
+        sums: dict[str, torch.Tensor] = defaultdict(float)
+        for rows in groups:
+            loss, micro_sums = method.loss(model, batch.select(rows))
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"step {step + 1}: loss is {loss.item()}; stopping before any checkpoint")
+            loss.backward()
+            for key, value in {"loss": loss.detach(), **micro_sums}.items():
+                sums[key] = sums[key] + value
+        stats = method.stats(batch, sums)
         if projection is not None:
             projection.after_backward(model)  # project first, so clipping sees the applied gradient
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"]))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
         if not torch.isfinite(grad_norm):
             raise NonFiniteError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping")
         optimizer.step()
@@ -128,11 +141,12 @@ def train(
             elapsed = time.perf_counter() - t_start
             eta = elapsed / (done - start) * (steps - done)
             extras = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k not in ("trained_tokens",))
+            micro = f"micro_batches={len(groups)} " if len(groups) > 1 else ""
             # Rollout throughput counts generated tokens over the batch phase (sampling + scoring);
             # update throughput counts trained tokens over the forward/backward/optimizer phase.
             rollout = f"rollout_tok/s={stats['rollout_tokens'] / t_batch:.0f} " if "rollout_tokens" in stats else ""
             log(
-                f"step {done}/{steps} {extras} grad_norm={grad_norm.item():.3g} {rollout}"
+                f"step {done}/{steps} {extras} grad_norm={grad_norm.item():.3g} {micro}{rollout}"
                 f"update_tok/s={stats['trained_tokens'] / (t_step - t_batch):.0f} "
                 f"batch_s={t_batch:.2f} step_s={t_step:.2f} eta={eta:.0f}s"
             )
@@ -171,28 +185,3 @@ def train(
                 )
             barrier(world)
     return records
-
-
-def write_manifest(
-    run_dir: str | Path, run: dict, init_path: str | Path, records: list[dict], extra: dict | None = None
-) -> Path:
-    """manifest.json: the run's settings and every checkpoint (step 0 is the init model itself).
-
-    Paths are relative to the run folder so a results tree can be moved as a whole.
-    """
-    run_dir = Path(run_dir)
-    init_rel = os.path.relpath(Path(init_path), run_dir)
-    entries = [{"step": 0, "path": init_rel, "tokens": 0, "loss": None, "wall_time": 0.0}, *records]
-    manifest = {"run": run, "checkpoints": entries, **(extra or {})}
-    path = run_dir / "manifest.json"
-    tmp = path.with_name(".manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
-    return path
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    """Checkpoint records with absolute-or-cwd-relative paths resolved against the run folder."""
-    path = Path(path)
-    manifest = json.loads(path.read_text())
-    return [{**c, "path": str(Path(os.path.normpath(path.parent / c["path"])))} for c in manifest["checkpoints"]]

@@ -86,6 +86,7 @@ HUB_SHAPES: dict[str, ModelShape] = {
     "Qwen/Qwen3-0.6B-Base": _qwen3(1024, 28, 16, 3072, True, 0.596e9),
     "Qwen/Qwen3-0.6B": _qwen3(1024, 28, 16, 3072, True, 0.596e9),
     "Qwen/Qwen3-1.7B-Base": _qwen3(2048, 28, 16, 6144, True, 1.72e9),
+    "Qwen/Qwen3-1.7B": _qwen3(2048, 28, 16, 6144, True, 1.72e9),
     "Qwen/Qwen3-4B-Base": _qwen3(2560, 36, 32, 9728, True, 4.02e9),
     "Qwen/Qwen3-4B": _qwen3(2560, 36, 32, 9728, True, 4.02e9),
     "Qwen/Qwen3-8B-Base": _qwen3(4096, 36, 32, 12288, False, 8.19e9),

@@ -1,13 +1,24 @@
 """Methods: how a step's batch is made and scored. SFT trains on demonstrations; every
 policy-gradient method (OPD, RLVR, mixtures) shares one rollout path and one loss and differs only
-in its advantage function."""
+in its advantage function.
+
+A method's ``batch(model, step)`` builds the whole step without gradients (sampling, rewards,
+teacher and behaviour log-probs, token selection, the loss normalizer); ``loss(model, micro)`` is
+one forward pass with gradients over a micro-batch of it. The loop sums the micro-batch losses, so
+anything that couples rows of a step (GRPO groups, top-KL selection, the token count) is settled in
+``batch`` first. ``stats(batch, sums)`` turns the summed per-micro-batch quantities into the log line.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from opdgeom.rollout import HFEngine
-from opdgeom.train.batches import encode_completion, encode_prompt, epoch_batch_indices, pack
+from opdgeom.spec import RunSpec, TrainSettings
+from opdgeom.tokens import encode_completion, encode_prompt, pack
+from opdgeom.train.batches import TokenBatch, epoch_batch_indices
 from opdgeom.train.behaviour import OnPolicy
 from opdgeom.train.distributed import SINGLE, World, global_sum, local_rows
 from opdgeom.train.objectives import (
@@ -27,8 +38,20 @@ def _normalizer(mask_BT: torch.Tensor, world: World) -> torch.Tensor:
     return global_sum(mask_BT.sum(), world).to(mask_BT.device) / world.size
 
 
-def _global_mean(value: torch.Tensor, world: World) -> float:
+def _global_mean(value: torch.Tensor | float, world: World) -> float:
+    value = torch.as_tensor(value, dtype=torch.float64, device=world.device)
     return (global_sum(value.detach(), world) / world.size).item()
+
+
+@torch.no_grad()
+def score(model, batch: TokenBatch, max_tokens: int | None) -> torch.Tensor:
+    """log pi(y_t) of every position of ``batch`` under ``model``, micro-batch by micro-batch: (B, T-1)."""
+    out_BT = torch.zeros(batch.target_mask_BT.shape, dtype=torch.float32, device=batch.input_ids_BT.device)
+    for rows in batch.split(max_tokens):
+        micro = batch.select(rows)
+        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
+        out_BT[rows, : logp_BT.shape[1]] = logp_BT.float()
+    return out_BT
 
 
 class SFTMethod:
@@ -43,18 +66,23 @@ class SFTMethod:
         self.seed = seed
         self.world = world
 
-    def batch(self, model, step: int) -> dict:
+    def batch(self, model, step: int) -> TokenBatch:
         indices = local_rows(epoch_batch_indices(len(self.pairs), self.batch_size, step, self.seed), self.world)
         prompts, completions = zip(*(self.pairs[i] for i in indices))
-        batch = pack(list(prompts), list(completions), self.tokenizer.pad_token_id)
-        return {k: v.to(self.world.device) for k, v in batch.items()}
+        rows = {
+            k: v.to(self.world.device)
+            for k, v in pack(list(prompts), list(completions), self.tokenizer.pad_token_id).items()
+        }
+        mask_BT = rows["target_mask"]
+        return TokenBatch(rows["input_ids"], rows["attention_mask"], mask_BT, _normalizer(mask_BT, self.world))
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        logp_BT = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-        mask_BT = batch["target_mask"]
-        loss = sft_loss(logp_BT, mask_BT, _normalizer(mask_BT, self.world))
-        trained = int(global_sum(mask_BT.sum(), self.world))
-        return loss, {"loss": _global_mean(loss, self.world), "trained_tokens": trained}
+    def loss(self, model, micro: TokenBatch) -> tuple[torch.Tensor, dict]:
+        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
+        return sft_loss(logp_BT, micro.target_mask_BT, micro.normalizer), {}
+
+    def stats(self, batch: TokenBatch, sums: dict) -> dict:
+        trained = int(global_sum(batch.target_mask_BT.sum(), self.world))
+        return {"loss": _global_mean(sums["loss"], self.world), "trained_tokens": trained}
 
     def state_dict(self) -> dict:
         return {}
@@ -66,34 +94,42 @@ class SFTMethod:
 class PolicyGradientMethod:
     """Sample G completions per prompt, score them, turn scores into per-token advantages.
 
-    ``advantage`` selects the method: "opd" (teacher reverse KL per token), "rlvr" (GRPO on the
+    ``run.method`` selects the advantage: "opd" (teacher reverse KL per token), "rlvr" (GRPO on the
     verifier's reward) or "mix" (alpha * OPD + (1 - alpha) * RLVR). ``behaviour`` says who samples
-    (on-policy by default). ``token_mask`` = {"select": "top"|"random", "keep": f} trains on a
-    fraction f of the completion tokens, chosen by largest per-token reverse KL or at random.
+    (on-policy by default). ``run.token_mask`` trains on a fraction of the completion tokens, chosen
+    by largest per-token reverse KL or at random. ``teacher`` is a callable scoring a TokenBatch
+    (log pi_teacher per position), whatever holds the teacher (a model, a sharded copy, an engine).
     """
 
     def __init__(
-        self, tokenizer, examples, task, settings: dict, seed: int, advantage: str,
-        teacher=None, behaviour=None, token_mask: dict | None = None, alpha: float | None = None,
-        world: World = SINGLE, engine=None,
-    ):  # fmt: skip
-        if advantage in ("opd", "mix") and teacher is None:
-            raise ValueError(f"method {advantage!r} needs a teacher model")
-        if advantage == "mix" and alpha is None:
+        self,
+        tokenizer,
+        examples,
+        task,
+        run: RunSpec,
+        seed: int,
+        teacher: Callable[[TokenBatch], torch.Tensor] | None = None,
+        behaviour=None,
+        world: World = SINGLE,
+        engine=None,
+    ):
+        if run.method in ("opd", "mix") and teacher is None:
+            raise ValueError(f"method {run.method!r} needs a teacher model")
+        if run.method == "mix" and run.alpha is None:
             raise ValueError("method 'mix' needs alpha (A = alpha * A_OPD + (1 - alpha) * A_RLVR)")
-        if token_mask and advantage == "rlvr" and token_mask["select"] == "top":
+        if run.token_mask and run.method == "rlvr" and run.token_mask.select == "top":
             raise ValueError("top-KL token selection needs a teacher (method opd or mix)")
         self.tokenizer = tokenizer
         self.examples = examples
         self.prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
         self.task = task
         self.teacher = teacher
-        self.settings = settings
+        self.settings: TrainSettings = run.train
         self.seed = seed
-        self.advantage = advantage
+        self.advantage = run.method
+        self.alpha = run.alpha
+        self.token_mask = run.token_mask
         self.behaviour = behaviour or OnPolicy()
-        self.token_mask = token_mask
-        self.alpha = alpha
         self.world = world
         self.engine = engine  # None: transformers generate on the sampler itself
 
@@ -103,78 +139,101 @@ class PolicyGradientMethod:
     def load_state_dict(self, state: dict) -> None:
         self.behaviour.load_state_dict(state)
 
+    @property
+    def uses_teacher(self) -> bool:
+        return self.advantage in ("opd", "mix")
+
     @torch.no_grad()
-    def batch(self, model, step: int) -> dict:
-        s = self.settings
-        group = s["group_size"]
-        indices = local_rows(epoch_batch_indices(len(self.prompts), s["batch_size"], step, self.seed), self.world)
-        rows = [i for i in indices for _ in range(group)]  # G consecutive rows per prompt
+    def batch(self, model, step: int) -> TokenBatch:
+        s, world = self.settings, self.world
+        indices = local_rows(epoch_batch_indices(len(self.prompts), s.batch_size, step, self.seed), world)
+        rows = [i for i in indices for _ in range(s.group_size)]  # G consecutive rows per prompt
         sampler = self.behaviour.sampler(model, step)
         if self.engine is None:
             # Ranks sample different prompts from different streams; under FSDP every rank must run
             # the same number of forward passes, which synced generation guarantees.
-            engine = HFEngine(sampler, self.tokenizer, synced=self.world.size > 1)
+            engine = HFEngine(sampler, self.tokenizer, synced=world.size > 1)
         else:
             engine = self.engine
             engine.sync_weights(sampler)  # the engine samples from the current behaviour weights
         rollouts = engine.sample(
             [self.prompts[i] for i in rows],
-            s["max_new_tokens"],
-            s["temperature"],
-            seed=(self.seed * 7919 + step) * self.world.size + self.world.rank,
+            s.max_new_tokens,
+            s.temperature,
+            seed=(self.seed * 7919 + step) * world.size + world.rank,
         )
-        batch = pack(rollouts.prompt_ids, rollouts.completion_ids, self.tokenizer.pad_token_id)
-        batch = {k: v.to(self.world.device) for k, v in batch.items()}
+        packed = {
+            k: v.to(world.device)
+            for k, v in pack(rollouts.prompt_ids, rollouts.completion_ids, self.tokenizer.pad_token_id).items()
+        }
+        completion_mask_BT = packed["target_mask"]
         texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-        rewards = [self.task.verify(t, self.examples[i].answer) for t, i in zip(texts, rows)]
-        batch["rewards_B"] = torch.tensor(rewards, device=self.world.device)
-        batch["rollout_tokens"] = sum(len(c) for c in rollouts.completion_ids)
-        batch["step"] = step
+        rewards_B = torch.tensor(
+            [self.task.verify(t, self.examples[i].answer) for t, i in zip(texts, rows)], device=world.device
+        )
+        batch = TokenBatch(packed["input_ids"], packed["attention_mask"], completion_mask_BT, torch.tensor(0.0))
+        batch.extra = {"completion_mask_BT": completion_mask_BT, "rewards_B": rewards_B}
+        batch.extra["rollout_tokens_B"] = torch.tensor([len(c) for c in rollouts.completion_ids], device=world.device)
         if not self.behaviour.on_policy:
-            batch["behaviour_logp_BT"] = token_logprobs(sampler, batch["input_ids"], batch["attention_mask"])
-        if self.teacher is not None:
-            batch["teacher_logp_BT"] = token_logprobs(self.teacher, batch["input_ids"], batch["attention_mask"])
+            batch.extra["behaviour_logp_BT"] = score(sampler, batch, s.micro_batch_tokens)
+        if self.uses_teacher:
+            batch.extra["teacher_logp_BT"] = self.teacher(batch)
+        if self.advantage in ("rlvr", "mix"):
+            batch.extra["seq_advantage_B"] = grpo_advantages(rewards_B, s.group_size)
+        if self.token_mask:
+            batch.target_mask_BT = self._select_tokens(model, batch, step)
+        batch.normalizer = _normalizer(batch.target_mask_BT, world)
         return batch
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        mask_BT = batch["target_mask"]
-        logp_BT = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    def _select_tokens(self, model, batch: TokenBatch, step: int) -> torch.Tensor:
+        """Top-KL ranks the step's tokens by the current student's reverse KL to the teacher (a scoring
+        pass over the whole step); random keeps the same number of tokens, uniformly. Under data
+        parallelism the selection is per rank (over the rank's own tokens)."""
+        world, mask_BT = self.world, batch.target_mask_BT
+        generator = torch.Generator().manual_seed((self.seed * 104_729 + step) * world.size + world.rank)
+        if self.token_mask.select == "top":
+            policy_logp_BT = score(model, batch, self.settings.micro_batch_tokens)
+            scores_BT = -opd_advantages(policy_logp_BT, batch.extra["teacher_logp_BT"])
+        else:
+            scores_BT = mask_BT
+        return select_tokens(scores_BT, mask_BT, self.token_mask.keep, self.token_mask.select, generator)
+
+    def loss(self, model, micro: TokenBatch) -> tuple[torch.Tensor, dict]:
+        kept_BT, extra = micro.target_mask_BT, micro.extra
+        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
         # On-policy the sampler is the current policy: rho = exp(logp - logp.detach()) = 1 exactly.
-        behaviour_logp_BT = batch.get("behaviour_logp_BT", logp_BT.detach())
-        stats = {"reward": _global_mean(batch["rewards_B"].mean(), self.world)}
-        if self.advantage in ("opd", "mix"):
+        behaviour_logp_BT = extra.get("behaviour_logp_BT", logp_BT.detach())
+        sums = {}
+        if self.uses_teacher:
             # The current student's log-prob (not the sampler's): with rho this is an importance-
             # weighted estimate of the current policy's reverse-KL gradient, also off-policy.
-            a_opd_BT = opd_advantages(logp_BT.detach(), batch["teacher_logp_BT"])
-            stats["reverse_kl"] = _global_mean(-(a_opd_BT * mask_BT).sum() / mask_BT.sum(), self.world)
-        if self.advantage in ("rlvr", "mix"):
-            a_rlvr_B = grpo_advantages(batch["rewards_B"], self.settings["group_size"])
+            a_opd_BT = opd_advantages(logp_BT.detach(), extra["teacher_logp_BT"])
+            completion_BT = extra["completion_mask_BT"]
+            sums["reverse_kl"] = -(a_opd_BT * completion_BT).sum()
+            sums["adv_abs_opd"] = (a_opd_BT.abs() * completion_BT).sum()
         if self.advantage == "opd":
             adv_BT = a_opd_BT
         elif self.advantage == "rlvr":
-            adv_BT = a_rlvr_B.unsqueeze(1).expand_as(mask_BT)
+            adv_BT = extra["seq_advantage_B"].unsqueeze(1).expand_as(kept_BT)
         else:
-            alpha = self.alpha
-            adv_BT = mix_advantages(a_opd_BT, a_rlvr_B, alpha)
-            stats["adv_scale_opd"] = ((alpha * a_opd_BT).abs() * mask_BT).sum().item() / mask_BT.sum().item()
-            stats["adv_scale_rlvr"] = ((1 - alpha) * a_rlvr_B.abs().mean()).item()
-        if self.token_mask:
-            # Under data parallelism the selection is per rank (top-KL over the rank's own tokens).
-            generator = torch.Generator().manual_seed(
-                (self.seed * 104_729 + batch["step"]) * self.world.size + self.world.rank
-            )
-            scores_BT = -a_opd_BT if self.token_mask["select"] == "top" else mask_BT
-            mask_BT = select_tokens(scores_BT, mask_BT, self.token_mask["keep"], self.token_mask["select"], generator)
-        loss = pg_loss(
-            logp_BT, behaviour_logp_BT, adv_BT, mask_BT, self.settings.get("rho_clip"), _normalizer(mask_BT, self.world)
-        )
-        stats.update(
-            loss=_global_mean(loss, self.world),
-            trained_tokens=int(global_sum(mask_BT.sum(), self.world)),
-            rollout_tokens=batch["rollout_tokens"],
-        )
+            adv_BT = mix_advantages(a_opd_BT, extra["seq_advantage_B"], self.alpha)
         if not self.behaviour.on_policy:
-            stats["rho_mean"] = (
-                (logp_BT.detach() - behaviour_logp_BT).exp() * mask_BT
-            ).sum().item() / mask_BT.sum().item()
-        return loss, stats
+            sums["rho"] = ((logp_BT.detach() - behaviour_logp_BT).exp() * kept_BT).sum()
+        loss = pg_loss(logp_BT, behaviour_logp_BT, adv_BT, kept_BT, self.settings.rho_clip, micro.normalizer)
+        return loss, sums
+
+    def stats(self, batch: TokenBatch, sums: dict) -> dict:
+        world, extra = self.world, batch.extra
+        completion = batch.extra["completion_mask_BT"].sum()
+        stats = {"reward": _global_mean(extra["rewards_B"].float().mean(), world)}
+        if self.uses_teacher:
+            stats["reverse_kl"] = _global_mean(sums["reverse_kl"] / completion, world)
+        if self.advantage == "mix":
+            stats["adv_scale_opd"] = self.alpha * (sums["adv_abs_opd"] / completion).item()
+            stats["adv_scale_rlvr"] = (1 - self.alpha) * extra["seq_advantage_B"].abs().mean().item()
+        stats["loss"] = _global_mean(sums["loss"], world)
+        stats["trained_tokens"] = int(global_sum(batch.target_mask_BT.sum(), world))
+        stats["rollout_tokens"] = int(extra["rollout_tokens_B"].sum())
+        if not self.behaviour.on_policy:
+            stats["rho_mean"] = (sums["rho"] / batch.target_mask_BT.sum()).item()
+        return stats

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import shutil
 from pathlib import Path
 
+from opdgeom.manifest import write_manifest
 from opdgeom.models import build_model, load_model, load_tokenizer, save_model
+from opdgeom.spec import RunSpec, TrainSettings
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
 from opdgeom.train.distributed import SINGLE, World, barrier, full_model_state, setup, shard, teardown
-from opdgeom.train.loop import STATE_FILE, log, train, write_manifest
-from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
+from opdgeom.train.loop import STATE_FILE, log, train
+from opdgeom.train.methods import PolicyGradientMethod, SFTMethod, score
 from opdgeom.train.projection import SubspaceProjection
-
-POLICY_GRADIENT_METHODS = ("opd", "rlvr", "mix")
 
 
 def fingerprint(*parts) -> str:
@@ -48,21 +49,23 @@ def _clear_stale(run_dir: Path, fp: str) -> None:
         marker.write_text(fp)
 
 
-def make_behaviour(run: dict, model, init: Path, world: World):
-    """Who samples: the policy itself, the frozen init (the SFT anchor), or a lagged copy."""
-    spec = run.get("behaviour")
-    if spec is None:
+def make_behaviour(run: RunSpec, model, init: Path, world: World):
+    """Who samples: the policy itself, the frozen init (the SFT anchor), or a lagged copy.
+
+    The lagged copy is a deep copy of ``model``: call this before ``model`` is sharded.
+    """
+    if run.behaviour is None:
         return OnPolicy()
-    if spec["policy"] == "anchor":
+    if run.behaviour.policy == "anchor":
         return FrozenPolicy(load_model(init, device=world.device))
     gathered = functools.partial(full_model_state, world=world, everywhere=True)  # whole, on every rank
-    return LaggedPolicy(model, spec["lag"], world.device, gathered)
+    return LaggedPolicy(model, run.behaviour.lag, world.device, gathered)
 
 
-def make_engine(settings: dict, init: Path, world: World):
+def make_engine(settings: TrainSettings, init: Path, world: World):
     """The rollout engine: None for transformers generate (default), or one vLLM engine kept for
     the whole run and given the policy's weights in place before every step."""
-    if settings.get("rollout_engine", "hf") == "hf":
+    if settings.rollout_engine == "hf":
         return None
     if world.size > 1:
         raise ValueError("rollout_engine vllm runs in one process per run (its weights come unsharded)")
@@ -72,36 +75,32 @@ def make_engine(settings: dict, init: Path, world: World):
 
     # Room for a prompt of up to 2048 tokens plus the rollout, within what the model supports.
     positions = transformers.AutoConfig.from_pretrained(init).max_position_embeddings
-    return VLLMEngine(init, max_model_len=min(positions, settings["max_new_tokens"] + 2048))
+    return VLLMEngine(init, max_model_len=min(positions, settings.max_new_tokens + 2048))
 
 
-def make_method(run: dict, tokenizer, examples, model, init: Path, teacher_path, seed: int, world: World = SINGLE):
-    settings = run["train"]
-    if run["method"] == "sft":
-        return SFTMethod(tokenizer, examples, settings["batch_size"], seed, world)
-    if run["method"] in POLICY_GRADIENT_METHODS:
-        teacher = None
-        if teacher_path:
-            teacher = load_model(teacher_path, device=world.device).eval().requires_grad_(False)
-        return PolicyGradientMethod(
-            tokenizer,
-            examples,
-            get_task(run["domain"]),
-            settings,
-            seed,
-            advantage=run["method"],
-            teacher=teacher,
-            behaviour=make_behaviour(run, model, init, world),
-            token_mask=run.get("token_mask"),
-            alpha=run.get("alpha"),
-            world=world,
-            engine=make_engine(settings, init, world),
-        )
-    raise ValueError(f"run {run['name']!r}: unknown method {run['method']!r}")
+def make_method(run: RunSpec, tokenizer, examples, model, init: Path, teacher_path, seed: int, world: World = SINGLE):
+    """The run's method. Call it on the unsharded model: the lagged behaviour copy is a deep copy."""
+    if run.method == "sft":
+        return SFTMethod(tokenizer, examples, run.train.batch_size, seed, world)
+    teacher = None
+    if teacher_path:
+        teacher_model = load_model(teacher_path, device=world.device).eval().requires_grad_(False)
+        teacher = functools.partial(score, teacher_model, max_tokens=run.train.micro_batch_tokens)
+    return PolicyGradientMethod(
+        tokenizer,
+        examples,
+        get_task(run.domain),
+        run,
+        seed,
+        teacher=teacher,
+        behaviour=make_behaviour(run, model, init, world),
+        world=world,
+        engine=make_engine(run.train, init, world),
+    )
 
 
 def train_run(
-    run: dict,
+    run: RunSpec,
     init: Path,
     train_data: Path,
     out_dir: Path,
@@ -109,13 +108,13 @@ def train_run(
     teacher: Path | None = None,
     projection_reference: tuple[Path, Path] | None = None,
 ) -> Path:
-    """Train ``run`` (the plan's RunSpec as JSON) from ``init``; write checkpoints and manifest.
+    """Train ``run`` from ``init``; write checkpoints and manifest.
 
     ``projection_reference`` = (reference init, reference checkpoint) for subspace-projected runs.
     """
     init, train_data, out_dir = Path(init), Path(train_data), Path(out_dir)
     world = setup()
-    fp = fingerprint(run, str(init), str(train_data), str(teacher), str(projection_reference), seed)
+    fp = fingerprint(run.to_json(), str(init), str(train_data), str(teacher), str(projection_reference), seed)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _clear_stale(out_dir, fp)
@@ -126,27 +125,25 @@ def train_run(
     method = make_method(run, tokenizer, examples, model, init, teacher, seed, world)
     model = shard(model, world)
     projection = None
-    if run.get("projection"):
+    if run.projection:
         if projection_reference is None:
-            raise ValueError(f"run {run['name']!r} asks for a projection but no reference checkpoints were given")
-        p = run["projection"]
-        projection = SubspaceProjection.from_reference(model, *projection_reference, p["rank"], p["mode"], world)
+            raise ValueError(f"run {run.name!r} asks for a projection but no reference checkpoints were given")
+        p = run.projection
+        projection = SubspaceProjection.from_reference(model, *projection_reference, p.rank, p.mode, world)
     log(
-        f"run {run['name']}: method={run['method']} init={init} examples={len(examples)} "
-        f"steps={run['train']['steps']} device={world.device} world={world.size}"
+        f"run {run.name}: method={run.method} init={init} examples={len(examples)} "
+        f"steps={run.train.steps} device={world.device} world={world.size}"
     )
-    every, steps = run["train"]["checkpoint_every"], run["train"]["steps"]
-    checkpoint_steps = sorted({*range(every, steps + 1, every), steps})
-    records = train(model, tokenizer, method, run["train"], out_dir, checkpoint_steps, fp, projection, world)
+    records = train(model, tokenizer, method, run.train, out_dir, fp, projection, world)
     extra = {}
     if projection is not None:
         energy = projection.energy_outside()  # a collective under torchrun: before teardown, on every rank
-        log(f"update energy outside the rank-{run['projection']['rank']} subspace: {energy['total']:.3e}")
-        extra["projection"] = {**run["projection"], "energy_outside": energy}
+        log(f"update energy outside the rank-{run.projection.rank} subspace: {energy['total']:.3e}")
+        extra["projection"] = {**dataclasses.asdict(run.projection), "energy_outside": energy}
     teardown(world)
     if not world.is_main:
         return out_dir / "manifest.json"
-    return write_manifest(out_dir, run, init, records, extra)
+    return write_manifest(out_dir, run.to_json(), init, records, extra)
 
 
 def build_and_pretrain(spec: dict, pretrain: dict, tokenizer_dir: Path, corpus: Path, out_dir: Path, seed: int) -> Path:
@@ -154,7 +151,13 @@ def build_and_pretrain(spec: dict, pretrain: dict, tokenizer_dir: Path, corpus: 
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_model(spec, tokenizer, seed)
     examples = read_jsonl(corpus)
-    settings = {"warmup_steps": max(1, pretrain["steps"] // 20), "weight_decay": 0.0, "grad_clip": 1.0, **pretrain}
+    steps = pretrain["steps"]
+    # Pretraining is SFT on the corpus: the rollout fields of the settings are never read.
+    settings = TrainSettings(
+        steps=steps, batch_size=pretrain["batch_size"], lr=pretrain["lr"], weight_decay=0.0,
+        warmup_steps=max(1, steps // 20), grad_clip=1.0, checkpoint_every=steps, max_new_tokens=1,
+        temperature=1.0, group_size=1,
+    )  # fmt: skip
     work_dir = out_dir.parent / f".{out_dir.name}.pretrain"
     fp = fingerprint(spec, pretrain, str(corpus), seed)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +165,7 @@ def build_and_pretrain(spec: dict, pretrain: dict, tokenizer_dir: Path, corpus: 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretraining {spec['architecture']} ({n_params / 1e6:.2f}M parameters) for {pretrain['steps']} steps")
     method = SFTMethod(tokenizer, examples, pretrain["batch_size"], seed)
-    train(model, tokenizer, method, settings, work_dir, [pretrain["steps"]], fp)
+    train(model, tokenizer, method, settings, work_dir, fp)
     save_model(model, tokenizer, out_dir)
     shutil.rmtree(work_dir)
     return out_dir
