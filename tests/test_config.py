@@ -124,3 +124,49 @@ def test_figure_inputs_are_only_its_runs():
     inputs = [p.name for p in s.figure_inputs("fig7b")]
     assert inputs == ["opd.parquet", "opd.offanchor.parquet", "opd.offlag.parquet"]
     assert s.figure_options("localization")["alpha"] == base_config()["diagnose"]["alpha"]
+
+
+def test_seed_list_expands_into_replicates_with_matched_inits():
+    config = with_runs(
+        {"name": "sft", "method": "sft", "init": "student", "seeds": [0, 1, 2]},
+        {"name": "opd", "method": "opd", "init": "sft", "seeds": [0, 1, 2]},
+        {"name": "rlvr", "method": "rlvr", "init": "sft", "seeds": [1, 5]},
+        {"name": "opd.ctrl", "method": "opd", "init": "sft"},
+    )
+    config["figures"] = [{"name": "accuracy", "runs": ["sft", "opd.ctrl"]}]
+    s = study(config)
+    assert [r for r in s.study_runs] == [
+        "sft.s0", "sft.s1", "sft.s2", "opd.s0", "opd.s1", "opd.s2", "rlvr.s1", "rlvr.s5", "opd.ctrl",
+    ]  # fmt: skip
+    assert s.runs["opd.s2"].init == "sft.s2" and s.run_seed("opd.s2") == 2
+    assert s.runs["rlvr.s5"].init == "sft.s0"  # no sft replicate of seed 5: the first one
+    assert s.runs["opd.ctrl"].init == "sft.s0" and s.run_seed("opd.ctrl") == config["seed"]
+    assert s.runs["rlvr.s1"].to_json()["seed"] == 1
+    assert s.figures["accuracy"].runs == ("sft.s0", "sft.s1", "sft.s2", "opd.ctrl")
+
+
+@pytest.mark.parametrize(
+    "seeds, expected",
+    [
+        ([], r"runs\[0\].seeds"),
+        ([0, 0], r"runs\[0\].seeds"),
+        ([-1], r"runs\[0\].seeds"),
+        ("0,1", r"runs\[0\].seeds"),
+        ([0.5], r"runs\[0\].seeds"),
+    ],
+)
+def test_empty_or_malformed_seed_list_is_a_named_config_error(seeds, expected):
+    config = with_runs({"name": "sft", "method": "sft", "init": "student", "seeds": seeds})
+    with pytest.raises(ConfigError, match=expected):
+        study(config)
+    from opdgeom.config import load_family
+    from opdgeom.plan import expand_seeds
+
+    assert load_family  # the plan itself checks too (configs built without the schema)
+    with pytest.raises(ConfigError, match=expected):
+        expand_seeds(config["runs"])
+
+
+def test_seed_suffix_is_reserved():
+    with pytest.raises(ConfigError, match=r"runs\[0\].name: 'sft.s1' ends in '.s<N>'"):
+        study(with_runs({"name": "sft.s1", "method": "sft", "init": "student"}))

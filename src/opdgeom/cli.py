@@ -92,8 +92,9 @@ def _evaluate(args) -> None:
     from opdgeom.evaluate import evaluate_checkpoints
 
     table = evaluate_checkpoints(
-        args.ref, _checkpoints(args), args.eval_data, args.domain, args.max_new_tokens, args.batch_size
-    )
+        args.ref, _checkpoints(args), args.eval_data, args.domain, args.max_new_tokens, args.batch_size,
+        teacher=args.teacher, temperature=args.temperature,
+    )  # fmt: skip
     write_parquet(table, args.out)
 
 
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", required=True)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--teacher", type=Path, help="also the per-token reverse KL to this model on sampled completions")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the reverse-KL metric")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_evaluate)
 

@@ -7,6 +7,7 @@ is planned here. Paths are relative to the working directory, under ``<results_d
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,60 @@ class FigureSpec:
 
 
 OPTION_CLASSES = {"token_mask": TokenMask, "behaviour": Behaviour, "projection": Projection}
+# A run entry with ``seeds: [0, 1, 2]`` becomes the runs "<name>.s0", "<name>.s1", "<name>.s2"; the
+# suffix is reserved for them. A seeded run starting from (or projecting on) another seeded entry uses
+# its replicate of the same seed, else the first one; an unseeded run uses the first replicate too.
+SEED_SUFFIX = re.compile(r"\.s\d+$")
+
+
+def seed_run_name(entry: str, seed: int) -> str:
+    return f"{entry}.s{seed}"
+
+
+def run_group(run: str) -> str:
+    """The config entry a run comes from: "opd.s1" -> "opd"; an unseeded run is its own group."""
+    return SEED_SUFFIX.sub("", run)
+
+
+def _check_seeds(where: str, seeds) -> list[int]:
+    ok = (
+        isinstance(seeds, list)
+        and seeds
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        and len(set(seeds)) == len(seeds)
+    )
+    if not ok:
+        raise ConfigError(f"{where}.seeds: expected a non-empty list of distinct non-negative integers, got {seeds!r}")
+    return list(seeds)
+
+
+def expand_seeds(entries: list[dict]) -> list[tuple[int, dict]]:
+    """(config index, run entry) per planned run: entries with ``seeds`` repeated once per seed."""
+    seeds_of = {}
+    for i, entry in enumerate(entries):
+        if SEED_SUFFIX.search(str(entry.get("name", ""))):
+            raise ConfigError(
+                f"config: runs[{i}].name: {entry['name']!r} ends in '.s<N>', reserved for the runs of a 'seeds:' list"
+            )
+        if "seeds" in entry:
+            seeds_of[entry["name"]] = _check_seeds(f"config: runs[{i}]", entry["seeds"])
+
+    def resolve(ref: str, seed: int | None) -> str:
+        if ref not in seeds_of:
+            return ref
+        return seed_run_name(ref, seed if seed in seeds_of[ref] else seeds_of[ref][0])
+
+    out = []
+    for i, entry in enumerate(entries):
+        for seed in seeds_of.get(entry["name"], [None]):
+            e = {k: v for k, v in entry.items() if k != "seeds"}
+            if seed is not None:
+                e["name"], e["seed"] = seed_run_name(entry["name"], seed), seed
+            e["init"] = resolve(entry["init"], seed)
+            if "projection" in e:
+                e["projection"] = {**e["projection"], "reference": resolve(e["projection"]["reference"], seed)}
+            out.append((i, e))
+    return out
 
 
 @dataclass(frozen=True)
@@ -81,7 +136,8 @@ class Study:
         self.cache_dir = Path(config["cache_dir"])
         self.models = family["models"]
         self.train_resources = self._train_resources(family)
-        self.runs = self._resolve_runs(config["runs"])
+        self.planned = expand_seeds(config["runs"])
+        self.runs = self._resolve_runs(self.planned)
         self.figures = self._resolve_figures(config["figures"])
 
     @classmethod
@@ -94,9 +150,10 @@ class Study:
         return cls(config, family)
 
     # ---------------------------------------------------------------- runs
-    def _resolve_runs(self, run_entries: list[dict]) -> dict[str, RunSpec]:
+    def _resolve_runs(self, planned: list[tuple[int, dict]]) -> dict[str, RunSpec]:
         runs: dict[str, RunSpec] = {}
-        for i, entry in enumerate(run_entries):
+        index = {entry["name"]: i for i, entry in planned}
+        for i, entry in planned:
             where = f"config: runs[{i}]"
             name = entry["name"]
             if name in runs or name in self.models:
@@ -115,11 +172,13 @@ class Study:
                     deep_merge(self.train_defaults, entry.get("train", {})), f"{where}.train"
                 ),
                 alpha=entry.get("alpha"),
+                seed=entry.get("seed"),
                 **options,
             )
             self._check_options(where, runs[name])
         domains = known_domains()
-        for i, spec in enumerate(runs.values()):
+        for spec in runs.values():
+            i = index[spec.name]
             if spec.domain not in domains:
                 raise ConfigError(
                     f"config: runs[{i}].domain: unknown domain {spec.domain!r}; known: {', '.join(domains)}"
@@ -127,7 +186,8 @@ class Study:
             if spec.init not in runs and spec.init not in self.models:
                 known = ", ".join([*self.models, *runs])
                 raise ConfigError(f"config: runs[{i}].init: unknown model or run {spec.init!r}; known: {known}")
-        for i, spec in enumerate(runs.values()):
+        for spec in runs.values():
+            i = index[spec.name]
             reference = spec.projection.reference if spec.projection else None
             if reference is not None and reference not in runs:
                 raise ConfigError(f"config: runs[{i}].projection.reference: unknown run {reference!r}")
@@ -143,11 +203,17 @@ class Study:
             if name in figures:
                 raise ConfigError(f"{where}.name: figure {name!r} is listed twice")
             options = {k: v for k, v in entry.items() if k not in ("name", "runs")}
-            grouped = [r for group in options.get("groups", {}).values() for r in group]
-            runs = entry.get("runs") or grouped or self.study_runs
-            unknown = [r for r in [*runs, *grouped] if r not in self.runs]
+            unknown = [
+                r
+                for r in [*entry.get("runs", []), *(r for g in options.get("groups", {}).values() for r in g)]
+                if r not in self.runs and r not in self.entry_runs
+            ]
             if unknown:
-                raise ConfigError(f"{where}: unknown run(s) {unknown}; runs: {', '.join(self.study_runs)}")
+                raise ConfigError(f"{where}: unknown run(s) {unknown}; runs: {', '.join(self.entry_runs)}")
+            if "groups" in options:  # a config entry stands for all of its seed replicates
+                options["groups"] = {g: self._expand_names(rs) for g, rs in options["groups"].items()}
+            grouped = [r for group in options.get("groups", {}).values() for r in group]
+            runs = self._expand_names(entry.get("runs", [])) or grouped or self.study_runs
             figures[name] = FigureSpec(name, tuple(dict.fromkeys(runs)), options)
         return figures
 
@@ -225,8 +291,25 @@ class Study:
 
     @property
     def study_runs(self) -> list[str]:
-        """Runs declared in the config (without the planned teacher fine-tunes), in order."""
-        return [r["name"] for r in self.config["runs"]]
+        """Runs declared in the config, seed replicates expanded (no teacher fine-tunes), in order."""
+        return [entry["name"] for _, entry in self.planned]
+
+    @property
+    def entry_runs(self) -> dict[str, list[str]]:
+        """Config entry name -> its planned runs (one, or one per seed)."""
+        out: dict[str, list[str]] = {}
+        for _, entry in self.planned:
+            out.setdefault(run_group(entry["name"]) if "seed" in entry else entry["name"], []).append(entry["name"])
+        return out
+
+    def _expand_names(self, names) -> list[str]:
+        entries = self.entry_runs
+        return list(dict.fromkeys(r for name in names for r in entries.get(name, [name])))
+
+    def run_seed(self, run: str) -> int:
+        """The seed a run trains with: its own (seed replicates) or the config's."""
+        seed = self.runs[run].seed
+        return self.seed if seed is None else seed
 
     @property
     def domains(self) -> list[str]:

@@ -62,6 +62,11 @@ class TrainSettings:
     # Rows of one forward/backward pass are packed up to this many tokens (gradient accumulation
     # over the rest of the batch); None: the whole local batch in one pass.
     micro_batch_tokens: int | None = None
+    # FSDP2 compute precision ("bf16": bf16 gathers, fp32 gradient reduction; master weights and
+    # AdamW state stay fp32 either way; frozen models are then held in bf16) and per-layer
+    # activation checkpointing. The tiny study keeps fp32 / off: bitwise-reproducible on CPU.
+    mixed_precision: str = "fp32"
+    activation_checkpointing: bool = False
 
     @property
     def checkpoint_steps(self) -> list[int]:
@@ -107,6 +112,9 @@ class RunSpec:
     token_mask: TokenMask | None = None
     behaviour: Behaviour | None = None
     projection: Projection | None = None
+    # The run's seed (batch order and every random draw); None: the config's top-level seed. Runs
+    # expanded from a ``seeds:`` list carry theirs (see opdgeom.plan, names "<entry>.s<seed>").
+    seed: int | None = None
 
     @property
     def is_policy_gradient(self) -> bool:
@@ -120,10 +128,10 @@ class RunSpec:
         out = {"name": self.name, "method": self.method, "init": self.init, "domain": self.domain}
         out |= {"teacher": self.teacher} if self.teacher else {}
         out["train"] = _plain(self.train)
-        for option in ("alpha", "token_mask", "behaviour", "projection"):
+        for option in ("alpha", "token_mask", "behaviour", "projection", "seed"):
             value = getattr(self, option)
             if value is not None:
-                out[option] = value if option == "alpha" else _plain(value)
+                out[option] = value if option in ("alpha", "seed") else _plain(value)
         return out
 
     @classmethod

@@ -68,10 +68,17 @@ def eval_domain(ref):
     return STUDY.runs[ref].domain if ref in STUDY.runs else STUDY.data["domain"]
 
 
+def eval_teacher(ref):
+    """The teacher a reference's reverse KL is measured to: a run's own, else the domain's default."""
+    spec = STUDY.runs.get(ref)
+    return STUDY.teacher_ref(spec.teacher if spec and spec.teacher else "teacher", eval_domain(ref))
+
+
 def eval_inputs(wildcards):
     return {
         "model": str(STUDY.ref_marker(wildcards.ref)),
         "eval_data": str(STUDY.data_file(eval_domain(wildcards.ref), "eval")),
+        "teacher": str(STUDY.ref_marker(eval_teacher(wildcards.ref))),
     }
 
 

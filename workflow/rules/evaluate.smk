@@ -12,7 +12,10 @@ rule evaluate:
         domain=lambda wc: eval_domain(wc.ref),
         max_new_tokens=STUDY.evaluate["max_new_tokens"],
         batch_size=STUDY.evaluate["batch_size"],
+        teacher=lambda wc: STUDY.ref_path(eval_teacher(wc.ref)),
+        temperature=STUDY.train_defaults["temperature"],
     shell:
         "python -m opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
         "--domain {params.domain} --max-new-tokens {params.max_new_tokens} "
-        "--batch-size {params.batch_size} --out {output} 2> {log}"
+        "--batch-size {params.batch_size} --teacher {params.teacher} --temperature {params.temperature} "
+        "--out {output} 2> {log}"

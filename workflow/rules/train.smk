@@ -20,7 +20,7 @@ rule train:
         spec=lambda wc: json.dumps(STUDY.runs[wc.run].to_json()),
         paths=run_flags,
         out=lambda wc: str(STUDY.run_dir(wc.run)),
-        seed=STUDY.seed,
+        seed=lambda wc: STUDY.run_seed(wc.run),
     shell:
         "{params.launch} -m opdgeom train --spec {params.spec:q} {params.paths} --train-data {input.train_data} "
         "--seed {params.seed} --out {params.out} 2> {log}"

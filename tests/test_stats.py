@@ -1,0 +1,44 @@
+"""Interval code against scipy / numpy references."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from opdgeom.stats import bootstrap_interval, seed_interval
+
+
+def test_seed_interval_matches_scipy_t_interval():
+    values = [0.31, 0.36, 0.29, 0.40]
+    got = seed_interval(values)
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert got.mean == pytest.approx(np.mean(values), abs=1e-15)
+    assert (got.lo, got.hi) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+    assert got.n == 4
+
+
+def test_seed_interval_one_seed_has_no_interval_and_nan_is_dropped():
+    one = seed_interval([0.5, float("nan")])
+    assert one.mean == 0.5 and one.n == 1 and math.isnan(one.lo) and math.isnan(one.hi)
+    assert seed_interval([]).n == 0
+
+
+def test_bootstrap_interval_matches_scipy_percentile_bootstrap():
+    rng = np.random.default_rng(3)
+    correct = (rng.random(600) < 0.3).astype(float)
+    got = bootstrap_interval(correct, n_resamples=20000, seed=1)
+    ref = stats.bootstrap((correct,), np.mean, n_resamples=20000, method="percentile", rng=np.random.default_rng(2))
+    assert got.mean == pytest.approx(correct.mean())
+    assert got.lo == pytest.approx(ref.confidence_interval.low, abs=3e-3)
+    assert got.hi == pytest.approx(ref.confidence_interval.high, abs=3e-3)
+    # and the normal approximation of a binomial proportion
+    se = math.sqrt(correct.mean() * (1 - correct.mean()) / correct.size)
+    assert got.half_width == pytest.approx(1.96 * se, rel=0.05)
+
+
+def test_bootstrap_over_seeds_resamples_prompts_jointly():
+    # Two seeds that disagree on every prompt average to exactly 0.5 per prompt: no prompt variance.
+    a = np.array([1, 0] * 50)
+    got = bootstrap_interval(np.stack([a, 1 - a]))
+    assert got.mean == 0.5 and got.lo == pytest.approx(0.5) and got.hi == pytest.approx(0.5) and got.n == 100
