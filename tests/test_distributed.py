@@ -2,26 +2,69 @@
 the same global batch and seed."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+
+from opdgeom.train.checkpoint import full_trainer_state
 
 from conftest import SETTINGS
 
 pytestmark = pytest.mark.distributed
 
 
-def _train(tiny, spec, out, nproc: int, extra=()) -> subprocess.CompletedProcess:
+def _cmd(tiny, spec, out, nproc: int, extra=()) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [
+    return [
         *launcher, "-m", "opdgeom", "train", "--spec", json.dumps(spec), "--init", str(tiny["init"]),
         "--teacher", str(tiny["teacher"]), "--train-data", str(tiny["data"]), "--out", str(out), *extra,
     ]  # fmt: skip
-    env = {"OMP_NUM_THREADS": "1", **__import__("os").environ}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+ENV = {"OMP_NUM_THREADS": "1", **os.environ}
+
+
+def _train(tiny, spec, out, nproc: int, extra=()) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(tiny, spec, out, nproc, extra), capture_output=True, text=True, env=ENV)
+
+
+def test_two_ranks_killed_mid_run_resume_from_their_shards_to_identical_weights(tiny, tmp_path):
+    """SIGKILL to every process of a 2-rank job after its first checkpoint; the rerun resumes from the
+    sharded DCP state (each rank wrote, and reads, only its own shard) to the uninterrupted run's weights."""
+    spec = {
+        "name": "dp", "method": "opd", "init": "student", "domain": "math",
+        "token_mask": {"select": "random", "keep": 0.5}, "train": {**SETTINGS, "steps": 12, "checkpoint_every": 3},
+    }  # fmt: skip
+    straight = _train(tiny, spec, tmp_path / "straight", nproc=2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    resumed = tmp_path / "resumed"
+    cmd = _cmd(tiny, spec, resumed, nproc=2)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (resumed / "trainer_state" / "meta.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    proc.wait()
+    assert not (resumed / "manifest.json").exists(), "the job finished before it could be killed"
+    again = _train(tiny, spec, resumed, nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from step" in again.stderr
+
+    metadata = dcp.FileSystemReader(resumed / "trainer_state").read_metadata().state_dict_metadata
+    exp_avg = [k for k in metadata if k.startswith("optimizer.state.") and k.endswith(".exp_avg")]
+    assert exp_avg and all(len(metadata[k].chunks) == 2 for k in exp_avg), "optimizer state not saved per rank"
+    assert sorted(p.name for p in (resumed / "trainer_state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    a, b = full_trainer_state(tmp_path / "straight"), full_trainer_state(resumed)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"fp32 weights differ after resume: {name}"
 
 
 def test_two_ranks_match_one_process_on_the_same_global_batch(tiny, tmp_path):  # noqa: F811
@@ -37,8 +80,8 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tiny, tmp_path):  
     two = _train(tiny, spec, tmp_path / "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
 
-    a = torch.load(tmp_path / "one" / "trainer_state.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "trainer_state.pt", weights_only=False)["model"]
+    a = full_trainer_state(tmp_path / "one")["model"]
+    b = full_trainer_state(tmp_path / "two")["model"]
     assert a.keys() == b.keys()
     init = load_file(tiny["init"] / "model.safetensors")
     for name in a:
@@ -67,15 +110,15 @@ def test_two_ranks_run_on_policy_distillation(tiny, tmp_path):  # noqa: F811
 
 
 def test_two_ranks_sample_from_a_lagged_copy(tiny, tmp_path):  # noqa: F811
-    """Off-policy control under FSDP: every rank holds a whole, unsharded copy of the policy,
-    refreshed from the gathered weights every `lag` steps and saved with the trainer state."""
+    """Off-policy control under FSDP: the lagged copy is sharded like the policy, refreshed from
+    each rank's own shards every `lag` steps, and saved (sharded) with the trainer state."""
     spec = {
         "name": "dp", "method": "opd", "init": "student", "domain": "math", "behaviour": {"policy": "lagged", "lag": 2},
         "train": {**SETTINGS, "steps": 3, "checkpoint_every": 2},
     }  # fmt: skip
     two = _train(tiny, spec, tmp_path / "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    state = torch.load(tmp_path / "two" / "trainer_state.pt", weights_only=False)
+    state = full_trainer_state(tmp_path / "two")
     assert state["method"]["refreshed_at"] == 2  # steps 0 and 1 sampled from step 0, step 2 from step 2
     lagged = state["method"]["weights"]
     at_step_2 = load_file(tmp_path / "two" / "step_000002" / "model.safetensors")
@@ -100,7 +143,7 @@ def test_two_ranks_train_inside_a_subspace(tiny, tmp_path):  # noqa: F811
     runs = {n: _train(tiny, spec, tmp_path / f"p{n}", nproc=n, extra=extra) for n in (1, 2)}
     for proc in runs.values():
         assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = (torch.load(tmp_path / f"p{n}" / "trainer_state.pt", weights_only=False)["model"] for n in (1, 2))
+    a, b = (full_trainer_state(tmp_path / f"p{n}")["model"] for n in (1, 2))
     init = load_file(tiny["init"] / "model.safetensors")
     for name in a:
         moved = (a[name] - init[name].float()).abs().max()

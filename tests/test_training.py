@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from opdgeom.manifest import read_manifest
 from opdgeom.models import load_model
 from opdgeom.spec import RunSpec
+from opdgeom.train.checkpoint import full_trainer_state, read_meta
 from opdgeom.train.loop import NonFiniteError
 from opdgeom.train.projection import SubspaceProjection
 from opdgeom.train.run import train_run
@@ -88,9 +89,9 @@ def test_resume_after_sigkill_gives_bitwise_identical_weights(tiny, tmp_path):
     log = subprocess.run(_train_cmd(tiny, spec, resumed), check=True, capture_output=True, text=True).stderr
     assert "resuming from step" in log
 
-    a = torch.load(straight / "trainer_state.pt", weights_only=False)
-    b = torch.load(resumed / "trainer_state.pt", weights_only=False)
-    assert a["step"] == b["step"] == 40
+    a = full_trainer_state(straight)
+    b = full_trainer_state(resumed)
+    assert read_meta(straight)["step"] == read_meta(resumed)["step"] == 40
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), f"fp32 weights differ: {name}"
     final_a = load_file(straight / "step_000040" / "model.safetensors")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
+
+from opdgeom.train.checkpoint import full_trainer_state
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "local_slurm"
@@ -147,8 +148,8 @@ def test_training_spans_two_nodes(cluster, tmp_path, smoke):
     placed = re.findall(r"^rank (\d)/2 on \S+ \(Slurm node (n\d)\)", train_log, re.M)
     ranks, nodes = (sorted(column) for column in zip(*placed)) if placed else ([], [])
     assert (ranks, nodes) == (["0", "1"], ["n1", "n2"]), train_log[-3000:]
-    two_nodes = torch.load(run / "trainer_state.pt", weights_only=False)["model"]
-    one_process = torch.load(smoke / "runs" / "sft" / "trainer_state.pt", weights_only=False)["model"]
+    two_nodes = full_trainer_state(run)["model"]
+    one_process = full_trainer_state(smoke / "runs" / "sft")["model"]
     init = load_file(smoke / "models" / "student" / "model.safetensors")
     assert two_nodes.keys() == one_process.keys()
     for name, weight in one_process.items():

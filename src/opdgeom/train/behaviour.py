@@ -7,8 +7,7 @@ the loss then corrects with rho = exp(log pi_theta - log pi_behaviour).
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
+import torch
 
 
 class OnPolicy:
@@ -42,26 +41,37 @@ class FrozenPolicy:
         pass
 
 
+@torch.no_grad()
+def copy_weights(source, target) -> None:
+    """target <- source, parameter by parameter. Under FSDP both are sharded the same way (dim 0
+    over the same ranks), so each rank copies its own shard and nothing is gathered."""
+    pairs = zip(source.named_parameters(), target.named_parameters(), strict=True)
+    for (name, src), (target_name, dst) in pairs:
+        src, dst = (t.to_local() if hasattr(t, "to_local") else t for t in (src, dst))
+        if name != target_name or src.shape != dst.shape:
+            raise ValueError(f"lagged copy: {target_name} {tuple(dst.shape)} does not match {name} {tuple(src.shape)}")
+        dst.copy_(src)
+
+
 class LaggedPolicy:
     """A copy of the policy, refreshed at steps 0, lag, 2*lag, ...: rollouts are up to lag-1 steps stale.
 
-    The copy is a plain (unsharded) model on ``device`` on every rank; ``full_state`` gives the
-    policy's whole weights (gathered from every rank when the policy is FSDP-sharded). Its
-    weights are part of the trainer state, so a resumed run samples from the same stale copy.
+    ``copy`` is a frozen model of the policy's architecture, sharded like the policy under FSDP (and
+    held in the frozen dtype); a refresh copies each rank's shards. Its weights are part of the
+    trainer state, so a resumed run samples from the same stale copy.
     """
 
     on_policy = False
 
-    def __init__(self, model, lag: int, device, full_state: Callable):
+    def __init__(self, copy, lag: int):
         self.lag = lag
-        self.model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-        self.full_state = full_state
+        self.model = copy.eval().requires_grad_(False)
         self.refreshed_at: int | None = None
 
     def sampler(self, model, step: int):
         due = step - step % self.lag
         if self.refreshed_at != due:
-            self.model.load_state_dict(self.full_state(model))
+            copy_weights(model, self.model)
             self.refreshed_at = due
         return self.model
 

@@ -9,6 +9,7 @@ take the same step as one process on the whole batch (up to float summation orde
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import socket
@@ -48,7 +49,10 @@ def setup() -> World:
     device = local_device(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # Rank 0 writes each checkpoint shard while the others wait in the next gather: the default
+        # 10 minutes can be too short for a 4 GB shard on a busy shared file system.
+        minutes = int(os.environ.get("OPDGEOM_COLLECTIVE_TIMEOUT_MIN", "60"))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
     node = os.environ.get("SLURMD_NODENAME", "-")
     print(f"rank {rank}/{size} on {socket.gethostname()} (Slurm node {node}): {device}, {backend}", file=sys.stderr)
     return World(rank=rank, size=size, device=device)
@@ -259,46 +263,6 @@ def global_max(value: int, world: World) -> int:
 def full_tensor(value):
     """A DTensor (FSDP-sharded parameter, or a norm computed over them) as a plain tensor."""
     return value.full_tensor() if hasattr(value, "full_tensor") else value
-
-
-def full_model_state(model, world: World, everywhere: bool = False) -> dict[str, torch.Tensor]:
-    """The whole model's weights, gathered from every rank under FSDP.
-
-    By default on the CPU, and under FSDP only rank 0 gets them (the others an empty dict): what a
-    checkpoint needs. ``everywhere`` keeps them on the training device on every rank instead: what
-    a replicated copy (the lagged behaviour policy) needs.
-    """
-    if world.size == 1:
-        state = model.state_dict()
-        return state if everywhere else {k: v.detach().cpu() for k, v in state.items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
-    return get_model_state_dict(model, options=options)
-
-
-def full_optimizer_state(model, optimizer, world: World) -> dict:
-    if world.size == 1:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, world: World) -> None:
-    if world.size == 1:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def barrier(world: World) -> None:

@@ -17,25 +17,18 @@ from pathlib import Path
 
 import torch
 
-from opdgeom.io import atomic_path
-from opdgeom.models import save_model
 from opdgeom.spec import TrainSettings
-from opdgeom.train.distributed import (
-    SINGLE,
-    World,
-    barrier,
-    full_model_state,
-    full_optimizer_state,
-    full_tensor,
-    global_max,
-    load_full_state,
+from opdgeom.train.checkpoint import (
+    STATE_DIR,
+    NonFiniteError,
+    export_hf,
+    load_trainer_state,
+    read_meta,
+    save_trainer_state,
 )
+from opdgeom.train.distributed import SINGLE, World, full_tensor, global_max
 
-STATE_FILE = "trainer_state.pt"
-
-
-class NonFiniteError(RuntimeError):
-    """Loss, gradient or weights went NaN/Inf; the run stops before writing a bad checkpoint."""
+__all__ = ["NonFiniteError", "STATE_DIR", "log", "lr_lambda", "train"]
 
 
 def lr_lambda(warmup: int, steps: int):
@@ -48,11 +41,6 @@ def lr_lambda(warmup: int, steps: int):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def log(msg: str) -> None:
@@ -72,7 +60,7 @@ def train(
 ) -> list[dict]:
     """Train ``model`` in place for ``settings.steps`` steps; return the checkpoint records.
 
-    Resumes from ``run_dir/trainer_state.pt`` when it exists and its fingerprint matches (weights,
+    Resumes from ``run_dir/trainer_state/`` when it exists and its fingerprint matches (weights,
     optimizer, schedule, records). The data position and every random draw are pure functions of
     (seed, step), so a resumed run replays exactly what the uninterrupted run would have done;
     state a method carries across steps (a lagged behaviour copy) is saved with the rest.
@@ -80,8 +68,8 @@ def train(
     ``settings.micro_batch_tokens`` padded tokens; the method fixed the loss normalizer for the whole
     step, so the accumulated gradient is the whole batch's.
     ``projection`` (optional) constrains gradients after backward or weights after each update.
-    Under torchrun (``world.size`` > 1) the model arrives sharded; rank 0 writes checkpoints and
-    state gathered from every rank.
+    Under torchrun (``world.size`` > 1) the model arrives sharded: every rank writes its shards of
+    the trainer state (DCP), and the exported bf16 checkpoint is gathered tensor by tensor.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,17 +81,14 @@ def train(
     records: list[dict] = []
     start, tokens_seen, wall_before = 0, 0, 0.0
 
-    state_path = run_dir / STATE_FILE
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["fingerprint"] == fingerprint:
-            load_full_state(model, optimizer, state["model"], state["optimizer"], world)
-            method.load_state_dict(state["method"])
-            scheduler.load_state_dict(state["scheduler"])
-            start, tokens_seen, records, wall_before = state["step"], state["tokens"], state["records"], state["wall"]
-            log(f"resuming from step {start} ({state_path})")
-        else:
-            log(f"ignoring {state_path}: it belongs to another configuration")
+    meta = read_meta(run_dir)
+    if meta is not None and meta["fingerprint"] == fingerprint:
+        load_trainer_state(run_dir, model, optimizer, method)  # each rank reads its own shards
+        scheduler.load_state_dict(meta["scheduler"])
+        start, tokens_seen, records, wall_before = meta["step"], meta["tokens"], meta["records"], meta["wall"]
+        log(f"resuming from step {start} ({run_dir / STATE_DIR})")
+    elif meta is not None:
+        log(f"ignoring {run_dir / STATE_DIR}: it belongs to another configuration")
 
     t_start = time.perf_counter()
     model.train()
@@ -152,36 +137,20 @@ def train(
             )
 
         if done in checkpoint_steps:
-            model_state = full_model_state(model, world)  # collective: every rank takes part
-            optimizer_state = full_optimizer_state(model, optimizer, world)
-            for name, tensor in model_state.items():
-                if not torch.isfinite(tensor).all():
-                    raise NonFiniteError(f"step {done}: parameter {name} has non-finite values; not saving")
             ckpt_dir = run_dir / f"step_{done:06d}"
-            records.append(
-                {
-                    "step": done,
-                    "path": ckpt_dir.name,
-                    "tokens": tokens_seen,
-                    "loss": stats["loss"],
-                    "wall_time": wall_before + time.perf_counter() - t_start,
-                }
-            )
-            if world.is_main:
-                save_model(model, tokenizer, ckpt_dir, state_dict=model_state)
-                _atomic_torch_save(
-                    {
-                        "fingerprint": fingerprint,
-                        "step": done,
-                        "tokens": tokens_seen,
-                        "records": records,
-                        "wall": wall_before + time.perf_counter() - t_start,
-                        "model": model_state,
-                        "method": method.state_dict(),
-                        "optimizer": optimizer_state,
-                        "scheduler": scheduler.state_dict(),
-                    },
-                    state_path,
-                )
-            barrier(world)
+            wall = wall_before + time.perf_counter() - t_start
+            record = {
+                "step": done,
+                "path": ckpt_dir.name,
+                "tokens": tokens_seen,
+                "loss": stats["loss"],
+                "wall_time": wall,
+            }
+            records.append(record)
+            try:
+                export_hf(model, tokenizer, ckpt_dir, world)  # collective: every rank gathers, rank 0 writes
+            except NonFiniteError as err:
+                raise NonFiniteError(f"step {done}: {err}") from None
+            meta = {"fingerprint": fingerprint, "step": done, "tokens": tokens_seen, "records": records, "wall": wall}
+            save_trainer_state(run_dir, model, optimizer, method, {**meta, "scheduler": scheduler.state_dict()}, world)
     return records

@@ -45,8 +45,10 @@ class SubspaceProjection:
         self.mode = mode
         self.world = world
         self.params = {name: params[name] for name in bases_nk}
-        self.projectors_nn = {
-            name: (v @ v.T).to(device=_local_rows(params[name]).device, dtype=params[name].dtype)
+        # The rank-k bases themselves (n x k), never the n x n projectors V V^T: g V V^T is applied
+        # as (g V) V^T, k/n of the memory and of the flops.
+        self.bases_nk = {
+            name: v.to(device=_local_rows(params[name]).device, dtype=params[name].dtype)
             for name, v in bases_nk.items()
         }
         self.w0 = {name: _local_rows(p).detach().clone() for name, p in self.params.items()}
@@ -68,15 +70,15 @@ class SubspaceProjection:
         if self.mode == "gradient":
             for name, param in self.params.items():
                 if param.grad is not None:
-                    grad = _local_rows(param.grad)
-                    grad.copy_(grad @ self.projectors_nn[name])
+                    grad, v_nk = _local_rows(param.grad), self.bases_nk[name]
+                    grad.copy_((grad @ v_nk) @ v_nk.T)
 
     @torch.no_grad()
     def after_update(self, model) -> None:
         if self.mode == "update":
             for name, param in self.params.items():
-                w0, w = self.w0[name], _local_rows(param)
-                w.copy_(w0 + (w - w0) @ self.projectors_nn[name])
+                w0, w, v_nk = self.w0[name], _local_rows(param), self.bases_nk[name]
+                w.copy_(w0 + ((w - w0) @ v_nk) @ v_nk.T)
 
     @torch.no_grad()
     def energy_outside(self) -> dict[str, float]:
@@ -87,7 +89,8 @@ class SubspaceProjection:
         energies = []
         for name, param in self.params.items():
             dw = (_local_rows(param) - self.w0[name]).double()
-            outside = dw - dw @ self.projectors_nn[name].double()
+            v_nk = self.bases_nk[name].double()
+            outside = dw - (dw @ v_nk) @ v_nk.T
             energies.append(torch.stack([outside.square().sum(), dw.square().sum()]))
         summed = global_sum(torch.stack(energies), self.world).cpu().tolist() if energies else []
         out = {name: e_out / e_all if e_all > 0 else 0.0 for name, (e_out, e_all) in zip(self.params, summed)}

@@ -9,14 +9,16 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from opdgeom.manifest import write_manifest
-from opdgeom.models import build_model, load_model, load_tokenizer, save_model
+from opdgeom.models import build_model, load_tokenizer, save_model
 from opdgeom.spec import RunSpec, TrainSettings
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
-from opdgeom.train.distributed import SINGLE, World, barrier, full_model_state, setup, shard, teardown
-from opdgeom.train.loop import STATE_FILE, log, train
+from opdgeom.train.distributed import SINGLE, World, barrier, load_sharded, setup, teardown
+from opdgeom.train.loop import STATE_DIR, log, train
 from opdgeom.train.methods import PolicyGradientMethod, SFTMethod, score
 from opdgeom.train.projection import SubspaceProjection
 
@@ -44,22 +46,29 @@ def _clear_stale(run_dir: Path, fp: str) -> None:
         _remove(partial)
     marker = run_dir / ".fingerprint"
     if not (marker.exists() and marker.read_text() == fp):
-        for stale in [*run_dir.glob("step_*"), run_dir / STATE_FILE]:
+        for stale in [*run_dir.glob("step_*"), run_dir / STATE_DIR]:
             _remove(stale)
         marker.write_text(fp)
 
 
-def make_behaviour(run: RunSpec, model, init: Path, world: World):
-    """Who samples: the policy itself, the frozen init (the SFT anchor), or a lagged copy.
+def frozen_dtype(settings: TrainSettings) -> torch.dtype:
+    """Frozen models (teacher, anchor, lagged copy) follow the compute precision: bf16 or fp32."""
+    return torch.bfloat16 if settings.mixed_precision == "bf16" else torch.float32
 
-    The lagged copy is a deep copy of ``model``: call this before ``model`` is sharded.
-    """
+
+def load_frozen(path: Path, settings: TrainSettings, world: World):
+    """A frozen model for scoring or sampling, sharded over the ranks (never whole on one)."""
+    return load_sharded(path, world, frozen_dtype(settings), frozen=True)
+
+
+def make_behaviour(run: RunSpec, init: Path, world: World):
+    """Who samples: the policy itself, the frozen init (the SFT anchor), or a lagged copy of the
+    policy (a frozen model sharded like it, refreshed from its shards every ``lag`` steps)."""
     if run.behaviour is None:
         return OnPolicy()
     if run.behaviour.policy == "anchor":
-        return FrozenPolicy(load_model(init, device=world.device))
-    gathered = functools.partial(full_model_state, world=world, everywhere=True)  # whole, on every rank
-    return LaggedPolicy(model, run.behaviour.lag, world.device, gathered)
+        return FrozenPolicy(load_frozen(init, run.train, world))
+    return LaggedPolicy(load_frozen(init, run.train, world), run.behaviour.lag)
 
 
 def make_engine(settings: TrainSettings, init: Path, world: World):
@@ -78,13 +87,13 @@ def make_engine(settings: TrainSettings, init: Path, world: World):
     return VLLMEngine(init, max_model_len=min(positions, settings.max_new_tokens + 2048))
 
 
-def make_method(run: RunSpec, tokenizer, examples, model, init: Path, teacher_path, seed: int, world: World = SINGLE):
-    """The run's method. Call it on the unsharded model: the lagged behaviour copy is a deep copy."""
+def make_method(run: RunSpec, tokenizer, examples, init: Path, teacher_path, seed: int, world: World = SINGLE):
+    """The run's method, with its teacher and behaviour models loaded (sharded under torchrun)."""
     if run.method == "sft":
         return SFTMethod(tokenizer, examples, run.train.batch_size, seed, world)
     teacher = None
     if teacher_path:
-        teacher_model = load_model(teacher_path, device=world.device).eval().requires_grad_(False)
+        teacher_model = load_frozen(teacher_path, run.train, world)
         teacher = functools.partial(score, teacher_model, max_tokens=run.train.micro_batch_tokens)
     return PolicyGradientMethod(
         tokenizer,
@@ -93,7 +102,7 @@ def make_method(run: RunSpec, tokenizer, examples, model, init: Path, teacher_pa
         run,
         seed,
         teacher=teacher,
-        behaviour=make_behaviour(run, model, init, world),
+        behaviour=make_behaviour(run, init, world),
         world=world,
         engine=make_engine(run.train, init, world),
     )
@@ -120,10 +129,17 @@ def train_run(
         _clear_stale(out_dir, fp)
     barrier(world)
     tokenizer = load_tokenizer(init)
-    model = load_model(init)
+    # fp32 master weights, each rank loading only its shards (FSDP2 under torchrun).
+    s = run.train
+    model = load_sharded(
+        init,
+        world,
+        torch.float32,
+        mixed_precision=s.mixed_precision,
+        activation_checkpointing=s.activation_checkpointing,
+    )
     examples = read_jsonl(train_data)
-    method = make_method(run, tokenizer, examples, model, init, teacher, seed, world)
-    model = shard(model, world)
+    method = make_method(run, tokenizer, examples, init, teacher, seed, world)
     projection = None
     if run.projection:
         if projection_reference is None:
