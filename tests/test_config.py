@@ -170,3 +170,13 @@ def test_empty_or_malformed_seed_list_is_a_named_config_error(seeds, expected):
 def test_seed_suffix_is_reserved():
     with pytest.raises(ConfigError, match=r"runs\[0\].name: 'sft.s1' ends in '.s<N>'"):
         study(with_runs({"name": "sft.s1", "method": "sft", "init": "student"}))
+
+
+def test_a_hub_family_that_cannot_fit_its_gpus_is_refused_at_planning():
+    config = {**base_config(), "family": "qwen3-8b"}
+    study(config)  # 1 node x 8 x 80 GB: fits
+    config["family_overrides"] = {"train_resources": {"gpus_per_node": 2}}
+    with pytest.raises(
+        ConfigError, match=r"family qwen3-8b: train_resources: .*does not fit 2 x 80 GB: peak \d+\.\d GB"
+    ):
+        study(config)

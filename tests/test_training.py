@@ -163,3 +163,20 @@ def test_a_changed_run_never_mixes_old_checkpoints(tiny, tmp_path):
     assert [c["step"] for c in read_manifest(manifest)] == [0, 4]
     assert sorted(p.name for p in out.glob("step_*")) == ["step_000004"]
     assert not list(out.glob(".*.tmp*"))
+
+
+def test_one_process_bf16_fsdp_with_checkpointing_and_micro_batches(tiny, tmp_path):
+    """The hub families' precision path in one process: FSDP2 over a one-rank group with bf16
+    compute, per-layer activation checkpointing, micro-batches, a bf16 lagged copy, DCP state."""
+    settings = {"mixed_precision": "bf16", "activation_checkpointing": True, "micro_batch_tokens": 48}
+    spec = run_spec("opd", behaviour={"policy": "lagged", "lag": 2}, train={**settings, "rho_clip": 10})
+    proc = subprocess.run(_train_cmd(tiny, spec, tmp_path / "run"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "micro_batches=" in proc.stderr
+    final = load_file(tmp_path / "run" / "step_000006" / "model.safetensors")
+    start = load_file(tiny["init"] / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in final.values())
+    assert any(not torch.equal(final[k], start[k]) for k in final), "weights did not move"
+    state = full_trainer_state(tmp_path / "run")
+    assert all(t.dtype == torch.float32 for t in state["model"].values()), "master weights must stay fp32"
+    assert {t.dtype for t in state["method"]["weights"].values()} == {torch.bfloat16}, "lagged copy in bf16"

@@ -21,8 +21,10 @@ FIGURE_DATA = {
     "table1": "compare", "accuracy": "eval", "rotation": "compare", "drift": "compare",
     "localization": "compare", "heatmap": "compare", "fig4a": "trajectory", "fig4b": "trajectory",
     "fig4c": "trajectory", "fig5": "trajectory", "fig6": "eval", "fig7a": "trajectory",
-    "fig7b": "trajectory", "fig7c": "trajectory",
+    "fig7b": "trajectory", "fig7c": "trajectory", "budget": "geometry", "findings": "all",
 }  # fmt: skip
+# Files each figure writes (default: png, pdf and the plotted data as csv).
+FIGURE_EXTENSIONS = {"table1": ("csv", "md"), "findings": ("md", "html")}
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class FigureSpec:
 
     @property
     def extensions(self) -> tuple[str, ...]:
-        return ("csv", "md") if self.name == "table1" else ("png", "pdf", "csv")
+        return FIGURE_EXTENSIONS.get(self.name, ("png", "pdf", "csv"))
 
 
 OPTION_CLASSES = {"token_mask": TokenMask, "behaviour": Behaviour, "projection": Projection}
@@ -102,6 +104,7 @@ class TrainResources:
 
     nodes: int = 1
     gpus_per_node: int = 1
+    gpu_mem_gb: float = 80.0  # what the memory plan checks the family against before any job
 
     @property
     def nproc_per_node(self) -> int:
@@ -136,6 +139,7 @@ class Study:
         self.cache_dir = Path(config["cache_dir"])
         self.models = family["models"]
         self.train_resources = self._train_resources(family)
+        self._check_memory(family)
         self.planned = expand_seeds(config["runs"])
         self.runs = self._resolve_runs(self.planned)
         self.figures = self._resolve_figures(config["figures"])
@@ -221,8 +225,14 @@ class Study:
         """The tables a figure is drawn from: only its own runs (and references), nothing else."""
         spec = self.figures[name]
         kind = FIGURE_DATA[name]
+        evals = [self.eval_table(ref) for ref in dict.fromkeys([*spec.runs, *self.reference_refs])]
         if kind == "eval":
-            return [self.eval_table(ref) for ref in dict.fromkeys([*spec.runs, *self.reference_refs])]
+            return evals
+        geometry = [t(run) for t in (self.compare_table, self.trajectory_table) for run in spec.runs]
+        if kind == "geometry":
+            return geometry
+        if kind == "all":
+            return [*evals, *geometry]
         table = self.compare_table if kind == "compare" else self.trajectory_table
         return [table(run) for run in spec.runs]
 
@@ -241,6 +251,16 @@ class Study:
             "localization": {"alpha": self.diagnose["alpha"]},
             "rotation": {"k": self.diagnose["k"]},
             "fig5": {"k": self.diagnose["trajectory_k"]},
+            "budget": {"budgets": {run: self.runs[run].train.lr * self.runs[run].train.steps for run in spec.runs}},
+            "findings": {
+                "references": self.reference_refs,
+                "inits": {run: self.runs[run].init for run in spec.runs},
+                "train": {
+                    run: {"lr": self.runs[run].train.lr, "steps": self.runs[run].train.steps} for run in spec.runs
+                },
+                "k": self.diagnose["k"],
+                "alpha": self.diagnose["alpha"],
+            },
         }
         return {**derived.get(name, {}), **options}
 
@@ -249,6 +269,18 @@ class Study:
         hub = any(m["source"] == "hub" for m in family["models"].values())
         default = TrainResources(nodes=1, gpus_per_node=8 if hub else 1)
         return TrainResources(**{**dataclasses.asdict(default), **family.get("train_resources", {})})
+
+    def _check_memory(self, family: dict) -> None:
+        """Hub families: refuse at planning time a family whose memory plan does not fit its GPUs."""
+        if not any(m["source"] == "hub" for m in family["models"].values()):
+            return
+        from opdgeom.train.memory_plan import check_fits  # torch + transformers: only hub families pay
+
+        r = self.train_resources
+        try:
+            check_fits({**family, "train": self.train_defaults}, r.nodes * r.gpus_per_node, r.gpu_mem_gb)
+        except ValueError as err:
+            raise ConfigError(f"config: family {self.name}: train_resources: {err}") from None
 
     @staticmethod
     def _check_options(where: str, spec: RunSpec) -> None:

@@ -37,14 +37,20 @@ class World:
 SINGLE = World()
 
 
-def setup() -> World:
+def setup(one_rank_group: bool = False) -> World:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), if any.
 
-    One process trains on the GPU when there is one (a Slurm job granted --gpus=1), else on CPU.
+    One process trains on the GPU when there is one (a Slurm job granted --gpus=1), else on CPU;
+    ``one_rank_group`` gives it a process group of its own, so that FSDP2 (and with it bf16 mixed
+    precision) applies to a single rank as well.
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World(device=local_device())
+        device = local_device()
+        if one_rank_group and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return World(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = local_device(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -59,7 +65,7 @@ def setup() -> World:
 
 
 def teardown(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -269,17 +269,19 @@ def plan(
     """The per-rank plan for the family's largest student and teacher on ``gpus`` ranks.
 
     ``train`` supplies the rollout size (batch_size prompts x group_size samples x max_new_tokens); the
-    family's own ``train`` section overrides it. One rank (``gpus=1``) trains without FSDP, in fp32
-    compute (``distributed.shard`` refuses bf16 mixed precision without FSDP).
+    family's own ``train`` section overrides it, and its ``micro_batch_tokens`` and ``mixed_precision``
+    (bf16 on one GPU is FSDP2 over a one-rank group, as ``opdgeom train`` sets it up) are used.
     """
     if gpus < 1 or gpu_mem_gb <= 0:
         raise ValueError(f"memory plan: need gpus >= 1 and gpu_mem_gb > 0, got {gpus}, {gpu_mem_gb}")
     settings = {"batch_size": 64, "group_size": 8, "max_new_tokens": 1024, **(train or {}), **family.get("train", {})}
     student_name, s_shape = _largest(family, ("student", "student_alt"))
     teacher_name, t_shape = _largest(family, ("teacher", "teacher_alt"))
+    # The family's own training settings decide the micro-batch and the compute precision.
+    micro_batch_tokens = settings.get("micro_batch_tokens") or micro_batch_tokens
     return plan_shapes(
         family["name"], (student_name, s_shape), (teacher_name, t_shape), gpus, gpu_mem_gb, settings,
-        micro_batch_tokens, chunk_tokens, headroom, rollout_engine, frozen_copies,
+        micro_batch_tokens, chunk_tokens, headroom, rollout_engine, frozen_copies, settings.get("mixed_precision"),
     )  # fmt: skip
 
 

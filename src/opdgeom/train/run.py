@@ -72,19 +72,60 @@ def make_behaviour(run: RunSpec, init: Path, world: World):
 
 
 def make_engine(settings: TrainSettings, init: Path, world: World):
-    """The rollout engine: None for transformers generate (default), or one vLLM engine kept for
-    the whole run and given the policy's weights in place before every step."""
+    """The rollout engine: None for transformers generate (default), or this rank's colocated vLLM
+    engine (``rollout.colocate.ColocatedRollout``), kept for the whole run: built from ``init``,
+    re-synced from the (sharded) behaviour weights whenever they change, asleep during updates.
+
+    Under torchrun every rank holds one whole engine (tensor-parallel 1) that joins the job's process
+    group (vLLM's external_launcher) and samples the rank's own prompts. A vLLM build that does not
+    match this torch, or an engine that cannot fit beside the trainer, fails here, before step 1.
+    """
     if settings.rollout_engine == "hf":
         return None
-    if world.size > 1:
-        raise ValueError("rollout_engine vllm runs in one process per run (its weights come unsharded)")
+    if settings.rollout_engine != "vllm":
+        raise ValueError(f"rollout_engine must be 'hf' or 'vllm', got {settings.rollout_engine!r}")
+    return _colocated_engine(settings, init, world)
+
+
+def engine_settings(settings: TrainSettings, init: Path, world: World) -> dict:
+    """How the engine is built on this device: dtype, context length, KV cache bytes, and the memory
+    check's verdict. bf16 on GPUs (the trainer's compute dtype); fp32 on CPU, where vLLM's bf16 kernels
+    differ from the trainer's fp32 by up to 0.15 per token and the equality checks need fp32."""
     import transformers
 
-    from opdgeom.rollout.vllm_engine import VLLMEngine  # needs .venv-vllm (scripts/vllm_env.sh)
+    from opdgeom.rollout.colocate import check_fits, engine_memory
+    from opdgeom.train.memory_plan import DEFAULT_PROMPT_TOKENS
 
+    config = transformers.AutoConfig.from_pretrained(init)
     # Room for a prompt of up to 2048 tokens plus the rollout, within what the model supports.
-    positions = transformers.AutoConfig.from_pretrained(init).max_position_embeddings
-    return VLLMEngine(init, max_model_len=min(positions, settings.max_new_tokens + 2048))
+    max_model_len = min(config.max_position_embeddings, settings.max_new_tokens + 2048)
+    on_gpu = world.device.type == "cuda"
+    dtype_bytes = 2 if on_gpu else 4
+    sequences = max(1, settings.batch_size * settings.group_size // world.size)
+    weights, kv = engine_memory(
+        config, dtype_bytes, sequences, DEFAULT_PROMPT_TOKENS + settings.max_new_tokens, max_model_len
+    )
+    verdict = check_fits(config, world.size, world.device, weights, kv)
+    kwargs = {"dtype": "bfloat16" if on_gpu else "float32", "max_model_len": max_model_len, "kv_cache_bytes": kv}
+    if on_gpu:
+        import torch
+
+        total = torch.cuda.get_device_properties(world.device).total_memory
+        # vLLM refuses to start unless this fraction of the GPU is free: ask for what it will use.
+        kwargs["gpu_memory_utilization"] = min(0.9, 1.2 * (weights + kv) / total + 0.02)
+    return {"kwargs": kwargs, "verdict": verdict}
+
+
+def _colocated_engine(settings: TrainSettings, init: Path, world: World):
+    from opdgeom.rollout.colocate import ColocatedRollout, check_vllm_build
+
+    build = check_vllm_build()  # before vllm is imported: a torch mismatch says what to install
+    from opdgeom.rollout.vllm_engine import VLLMEngine  # needs .venv-vllm (scripts/vllm_env.sh) or envs/vllm-gpu
+
+    plan = engine_settings(settings, init, world)
+    log(f"rollout engine: vLLM ({build}), {world.size} colocated engine(s), {plan['verdict']}")
+    engine = VLLMEngine(init, colocated=world.size > 1, seed=world.rank, **plan["kwargs"])
+    return ColocatedRollout(engine, rank=world.rank)
 
 
 def make_method(run: RunSpec, tokenizer, examples, init: Path, teacher_path, seed: int, world: World = SINGLE):
@@ -122,7 +163,7 @@ def train_run(
     ``projection_reference`` = (reference init, reference checkpoint) for subspace-projected runs.
     """
     init, train_data, out_dir = Path(init), Path(train_data), Path(out_dir)
-    world = setup()
+    world = setup(one_rank_group=run.train.mixed_precision == "bf16")
     fp = fingerprint(run.to_json(), str(init), str(train_data), str(teacher), str(projection_reference), seed)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
