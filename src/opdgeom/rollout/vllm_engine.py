@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,12 @@ from vllm import LLM, SamplingParams, envs
 from vllm.inputs import TokensPrompt
 
 from opdgeom.rollout.base import Rollouts, SamplingEngine
+from opdgeom.rollout.weights import DEFAULT_BUCKET_BYTES, iter_weights
+
+
+def _log(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per job, as the training loop logs
+        print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -51,9 +59,32 @@ class VLLMEngine(SamplingEngine):
         kv_cache_bytes: int | None = 1 << 30,
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = True,
+        colocated: bool = False,
+        seed: int = 0,
+        sleep_mode: bool | None = None,
     ):
+        """``colocated``: this process is one rank of a torchrun job and the engine joins its world
+        (``distributed_executor_backend="external_launcher"``, TP 1: one whole engine per rank, each
+        sampling its own prompts), as TRL's colocate mode does. ``sleep_mode``: release weights and
+        KV cache between rollouts (``sleep``/``wake_up``); None turns it on where vLLM's platform
+        supports it (CUDA, ROCm, XPU) and off elsewhere (the CPU build rejects it at start-up).
+        """
         # Read when the first engine starts (vLLM caches its settings from then on).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm.platforms import current_platform
+
+        available = current_platform.is_sleep_mode_available()
+        self.sleep_mode = available if sleep_mode is None else sleep_mode
+        if self.sleep_mode and not available:
+            raise ValueError(
+                f"vLLM sleep mode is not available on {current_platform.device_name}: pass sleep_mode=None"
+            )
+        if not self.sleep_mode:
+            _log(
+                f"vLLM sleep mode off on {current_platform.device_name}: sleep()/wake_up() are no-ops, the "
+                "engine keeps its weights and KV cache resident through the update"
+            )
+        extra = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1} if colocated else {}
         self.llm = LLM(
             model=str(model_dir),
             dtype=dtype,
@@ -61,8 +92,35 @@ class VLLMEngine(SamplingEngine):
             kv_cache_memory_bytes=kv_cache_bytes,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
+            seed=seed,
+            enable_sleep_mode=self.sleep_mode,
+            **extra,
         )
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
+        self.dtype = self.llm.llm_engine.model_config.dtype  # the engine's torch dtype: weights arrive cast to it
+        self.asleep_level: int | None = None  # None: awake
+        self.last_sync_s = 0.0
+        self.syncs = 0
+
+    def sleep(self, level: int = 1) -> None:
+        """Release the engine's memory for the update: level 1 offloads weights to host RAM and drops
+        the KV cache (for an engine whose weights stay: the frozen anchor, a lagged copy); level 2
+        drops the weights too (for an engine synced before its next use). A no-op without sleep mode."""
+        if self.sleep_mode and self.asleep_level is None:
+            self.llm.sleep(level=level)
+            self.asleep_level = level
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back what ``sleep`` released (``tags``: "weights" first, to load new ones before the
+        KV cache is reallocated, as TRL does). A no-op when awake or without sleep mode."""
+        if self.asleep_level is None:
+            return
+        self.llm.wake_up(tags)
+        if tags is None or "kv_cache" in tags:
+            self.asleep_level = None
+
+    def _awake(self) -> None:
+        self.wake_up()
 
     def sample(self, prompt_ids, max_new_tokens, temperature, seed) -> SampledRollouts:
         """One completion per prompt (eos included when the model stopped); temperature 0 is greedy.
@@ -70,6 +128,7 @@ class VLLMEngine(SamplingEngine):
         Every request gets its own seed drawn from ``seed``: rows with the same prompt (a GRPO
         group) must differ, and the same ``seed`` must replay the same rollouts.
         """
+        self._awake()
         rng = random.Random(seed)
         # Explicit params: vLLM falls back on the folder's generation_config (Qwen3 ships top_k=20,
         # top_p=0.95) only when given none, so rollouts sample the policy's full distribution.
@@ -101,6 +160,7 @@ class VLLMEngine(SamplingEngine):
         (entry 0 is None: nothing predicts the first token) and the completion's are sliced out.
         The one generated token is discarded.
         """
+        self._awake()
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outputs = self._generate([p + c for p, c in zip(prompt_ids, completion_ids)], params)
         scores = []
@@ -109,8 +169,14 @@ class VLLMEngine(SamplingEngine):
             scores.append([step[token].logprob for step, token in zip(positions, completion)])
         return scores
 
-    def sync_weights(self, model) -> None:
+    def sync_weights(self, model, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         """Copy ``model``'s current weights into the engine in place (no file is written).
+
+        ``model`` may be FSDP2-sharded: its parameters are gathered one bucket at a time and cast to
+        the engine's dtype (``weights.iter_weights``), and vLLM's loader consumes them as they come,
+        so neither a whole fp32 nor a whole bf16 copy is ever held. Under FSDP this is a collective:
+        every rank syncs its engine at the same steps. An engine asleep at level 2 gets its weight
+        memory back first, new weights loaded, then its KV cache (TRL's order).
 
         reload_weights rather than the model's own load_weights: on CPU vLLM repacks every linear
         weight for its GEMM kernels after loading and frees the original, so only the reload
@@ -121,10 +187,15 @@ class VLLMEngine(SamplingEngine):
                 "sync_weights hands live tensors to an in-process engine; this one runs in worker "
                 "processes (VLLM_ENABLE_V1_MULTIPROCESSING=1), which need vLLM's weight-transfer API"
             )
-        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        t0 = time.perf_counter()
+        self.wake_up(["weights"])
+        weights = iter_weights(model, self.dtype, bucket_bytes)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.wake_up(["kv_cache"])
         # KV blocks cached for shared prompt prefixes were computed by the old weights.
         self.llm.reset_prefix_cache()
+        self.last_sync_s = time.perf_counter() - t0
+        self.syncs += 1
 
     def _generate(self, token_rows: list[list[int]], params):
         prompts = [TokensPrompt(prompt_token_ids=list(row)) for row in token_rows]

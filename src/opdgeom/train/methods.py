@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from opdgeom.rollout import HFEngine
+from opdgeom.rollout.colocate import behaviour_version
 from opdgeom.spec import RunSpec, TrainSettings
 from opdgeom.tokens import encode_completion, encode_prompt, pack
 from opdgeom.train.batches import TokenBatch, epoch_batch_indices
@@ -154,14 +155,18 @@ class PolicyGradientMethod:
             # the same number of forward passes, which synced generation guarantees.
             engine = HFEngine(sampler, self.tokenizer, synced=world.size > 1)
         else:
+            # This rank's colocated vLLM engine: re-synced (from the shards, bucket by bucket) only
+            # when the behaviour's weights changed since it last took them; asleep after sampling.
             engine = self.engine
-            engine.sync_weights(sampler)  # the engine samples from the current behaviour weights
+            engine.prepare(sampler, behaviour_version(self.behaviour, step), check_ids=self.prompts[0])
         rollouts = engine.sample(
             [self.prompts[i] for i in rows],
             s.max_new_tokens,
             s.temperature,
             seed=(self.seed * 7919 + step) * world.size + world.rank,
         )
+        if self.engine is not None:
+            self.engine.release()
         packed = {
             k: v.to(world.device)
             for k, v in pack(rollouts.prompt_ids, rollouts.completion_ids, self.tokenizer.pad_token_id).items()
