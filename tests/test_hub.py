@@ -148,3 +148,19 @@ def test_rule_model_through_snakemake_offline(hf_home, tmp_path):
     assert (models / "student/.revision").read_text().strip() == COMMIT_A
     assert (models / "teacher/.revision").read_text().strip() == COMMIT_B
     assert (models / "teacher/model.safetensors").stat().st_nlink >= 2  # shares the cache's blob
+
+
+def test_memory_plan_reads_an_unlisted_models_shape_from_the_cache(hf_home):
+    code = (
+        "from opdgeom.train.memory_plan import shape_of; "
+        "s = shape_of({'source': 'hub', 'repo': 'opdgeom-test/tiny-student', 'revision': 'main'}); "
+        "print(s.hidden_size, s.num_hidden_layers, s.head_dim, s.vocab_size)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=offline_env(hf_home))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        str(TINY["hidden_size"]),
+        str(TINY["num_hidden_layers"]),
+        str(TINY["head_dim"]),
+        "100",
+    ]

@@ -70,6 +70,12 @@ def _cached_path(repo: str, revision: str) -> Path | None:
         return None
 
 
+def cached_file(repo: str, revision: str, filename: str) -> Path | None:
+    """One file of the revision's cached snapshot (e.g. config.json), or None. No network."""
+    path = _cached_path(repo, revision)
+    return path / filename if path is not None and (path / filename).exists() else None
+
+
 def find_snapshot(repo: str, revision: str) -> Snapshot | None:
     """The complete cached snapshot of ``repo`` at ``revision``, or None."""
     path = _cached_path(repo, revision)

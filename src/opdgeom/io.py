@@ -46,9 +46,13 @@ def atomic_dir(out_dir: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if out_dir.exists():  # moved aside first, removed once the new folder is in place
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, retired / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.replace(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -14,12 +14,11 @@ Conventions the rest of the package relies on:
 """
 
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from opdgeom.io import atomic_dir
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 CHARACTERS = ["\n"] + [chr(code) for code in range(32, 127)]
@@ -41,22 +40,6 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: str | os.PathLike) -> None:
-    """Save so that `AutoTokenizer.from_pretrained(out_dir)` loads it, atomically.
-
-    Writes into a temp folder next to `out_dir` and renames it into place; an existing
-    `out_dir` is moved aside first and removed only after the new folder is in place.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        tok.save_pretrained(staging)
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, retired / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Save so that `AutoTokenizer.from_pretrained(out_dir)` loads it, atomically."""
+    with atomic_dir(out_dir) as tmp:
+        tok.save_pretrained(tmp)

@@ -100,12 +100,40 @@ HUB_SHAPES: dict[str, ModelShape] = {
 }
 
 
+class UnknownShapeError(ValueError):
+    """A hub model whose config the plan cannot see (not in HUB_SHAPES, not in the local HF cache)."""
+
+
+def _cached_shape(repo: str, revision: str) -> ModelShape | None:
+    """The shape from the config.json of the revision's snapshot in the local HF cache, if any."""
+    from opdgeom.hub import cached_file
+
+    path = cached_file(repo, revision, "config.json")
+    if path is None:
+        return None
+    config = json.loads(path.read_text())
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    return ModelShape(
+        config["model_type"], config["hidden_size"], config["num_hidden_layers"], heads,
+        config.get("num_key_value_heads", heads), config.get("head_dim") or config["hidden_size"] // heads,
+        config["intermediate_size"], config["vocab_size"], bool(config.get("tie_word_embeddings", False)),
+    )  # fmt: skip
+
+
 def shape_of(spec: dict) -> ModelShape:
-    """A family's model entry (hub: looked up by repo; build: its own dimensions, the char vocabulary)."""
+    """A family's model entry (hub: the published numbers in HUB_SHAPES, else the config.json in the
+    local HF cache; build: its own dimensions and the char vocabulary)."""
     if spec["source"] == "hub":
-        if spec["repo"] not in HUB_SHAPES:
-            raise ValueError(f"memory plan: no config numbers for {spec['repo']!r}; add them to HUB_SHAPES")
-        return HUB_SHAPES[spec["repo"]]
+        if spec["repo"] in HUB_SHAPES:
+            return HUB_SHAPES[spec["repo"]]
+        shape = _cached_shape(spec["repo"], spec["revision"])
+        if shape is None:
+            raise UnknownShapeError(
+                f"memory plan: no config numbers for {spec['repo']!r} (not in HUB_SHAPES, and its config.json "
+                f"is not in the HF cache: `opdgeom fetch-models` first)"
+            )
+        return shape
     from opdgeom.tokenizer import build_char_tokenizer
 
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
