@@ -3,6 +3,7 @@
 - ``accuracy``: greedy decoding, the domain's verifier (what RLVR's reward measures); the per-prompt
   outcomes are kept (``correct``) so that intervals can bootstrap over prompts.
 - ``nll``: teacher-forced token NLL of the held-out demonstrations (what SFT minimises).
+- ``sampled_reward``: the verifier's mean reward on those same sampled completions (what RLVR maximises).
 - ``reverse_kl``: per-token reverse KL to the teacher on completions the checkpoint samples itself
   (what OPD minimises): mean over every sampled completion token of log pi_student - log pi_teacher,
   the same sampled-token estimator OPD trains on, at the training temperature.
@@ -73,6 +74,10 @@ def checkpoint_metrics(
         sampled = engine.sample(prompts, max_new_tokens, temperature, seed=KL_SEED)
         terms = reverse_kl_terms(model, teacher, prompts, sampled.completion_ids, tokenizer.pad_token_id, batch_size)
         result["reverse_kl"] = terms.double().mean().item()
+        sampled_texts = tokenizer.batch_decode(sampled.completion_ids, skip_special_tokens=True)
+        result["sampled_reward"] = sum(task.verify(t, e.answer) for t, e in zip(sampled_texts, examples)) / len(
+            examples
+        )
     return result
 
 
@@ -87,7 +92,7 @@ def evaluate_checkpoints(
     temperature: float = 1.0,
 ) -> pl.DataFrame:
     """One row per checkpoint: ref, step, tokens, domain, accuracy, n, mean_completion_tokens, nll,
-    correct (list of 0/1 per held-out prompt) and, with ``teacher``, reverse_kl."""
+    correct (list of 0/1 per held-out prompt) and, with ``teacher``, reverse_kl and sampled_reward."""
     examples = read_jsonl(eval_data)
     task = get_task(domain)
     teacher_model = None

@@ -11,7 +11,7 @@ for _figure in STUDY.figures:
             [
                 (
                     report(str(p), caption=f"../report/{_figure}.rst", category="Figures")
-                    if str(p).endswith(".png")
+                    if str(p).endswith((".png", ".html"))
                     else str(p)
                 )
                 for p in STUDY.figure_outputs(_figure)

@@ -6,7 +6,9 @@ plotted data as <prefix>.csv; bad input raises ValueError naming the file, run o
 """
 
 from opdgeom.figures.accuracy import accuracy_figure
+from opdgeom.figures.budget import budget_figure
 from opdgeom.figures.drift import drift_figure
+from opdgeom.figures.findings import findings
 from opdgeom.figures.heatmap import heatmap_figure
 from opdgeom.figures.localization import localization_figure
 from opdgeom.figures.rotation import rotation_figure
@@ -24,12 +26,16 @@ FIGURES = {
     "fig6": sufficiency_figure,
     **{name: make_trajectory_figure(name) for name in ("fig7a", "fig7b", "fig7c")},
     "heatmap": heatmap_figure,
+    "budget": budget_figure,
+    "findings": findings,
 }
 assert set(TRAJECTORY_FIGURES) <= set(FIGURES)
 
 __all__ = [
     "FIGURES",
     "accuracy_figure",
+    "budget_figure",
+    "findings",
     "drift_figure",
     "heatmap_figure",
     "localization_figure",

@@ -9,6 +9,7 @@ import matplotlib
 import numpy as np
 import polars as pl
 from matplotlib.colors import LogNorm, Normalize
+from matplotlib.ticker import LogLocator, NullFormatter
 
 from opdgeom.figures.style import new_grid, run_styles, save
 from opdgeom.figures.tables import (
@@ -37,7 +38,7 @@ SHORT = {
 }
 # metric shown -> (source metric, transform, colour-bar label, colour map)
 PANELS = {
-    "update_density": ("bf16_sparsity", lambda v: 1 - v, "update density\n(1 − bf16 sparsity)", "viridis"),
+    "update_density": ("bf16_sparsity", lambda v: 1 - v, "update density\n(1 − sparsity)", "viridis"),
     "spectral_shift": ("spectral_shift", lambda v: v, "normalized\nspectral shift", "magma"),
 }
 NO_VALUE = "0.85"  # cells with no tensor, or a zero on a log scale
@@ -97,7 +98,9 @@ def heatmap_figure(
     layers = sorted(data["layer"].unique().to_list())
     ncols = max(1, min(columns, len(runs)))
     rows_per_metric = math.ceil(len(runs) / ncols)
-    panel_h = 0.5 + 0.045 * len(layers)
+    # A panel (and so each colour bar) is at least 1.2 in tall: two-layer tiny models keep readable
+    # colour-bar ticks and labels.
+    panel_h = max(1.2, 0.5 + 0.045 * len(layers))
     nrows = rows_per_metric * len(metrics)
     fig, axes = new_grid(nrows, ncols, height_in=0.5 + panel_h * nrows)
     styles = run_styles(methods, runs)
@@ -147,7 +150,12 @@ def heatmap_figure(
                 ax.set_yticklabels([])
         if image is not None:
             label = f"{bar_label}{' (log)' if log else ''}"
-            fig.colorbar(image, ax=block_axes.ravel().tolist(), label=label, shrink=0.9, pad=0.01)
+            bar = fig.colorbar(image, ax=block_axes.ravel().tolist(), shrink=0.95, pad=0.01, aspect=12)
+            bar.set_label(label, fontsize=6)
+            bar.ax.tick_params(labelsize=6)
+            if log:  # at most 4 decades labelled, no minor labels: ticks never overlap on a short bar
+                bar.ax.yaxis.set_major_locator(LogLocator(numticks=4))
+                bar.ax.yaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(
         "Where each run writes: per-layer, per-module update density and spectral shift (final vs. initial weights)",
         fontsize=8,

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import polars as pl
 
+from opdgeom.figures.tables import groups_of
 from opdgeom.io import write_text
+from opdgeom.stats import seed_interval
 
 COLUMNS = {"all:matrix": "matrices", "all:embedding": "embedding", "all:lm_head": "lm_head", "all:vector": "1-D"}
 
@@ -31,15 +33,19 @@ def table1(inputs: list[Path], out_prefix: Path, methods: dict[str, str]) -> pl.
 
 
 def _markdown(wide: pl.DataFrame, value_cols: list[str]) -> str:
-    header = ["run", "method", "step", *[f"sparsity ({c})" for c in value_cols]]
+    """One row per run entry: seed replicates ("opd.s0", "opd.s1", ...) pooled into their mean with a
+    95% Student-t interval over seeds; an entry with one seed has no interval."""
+    header = ["run", "method", "seeds", "step", *[f"sparsity ({c})" for c in value_cols]]
     lines = [
         "Table 1. bf16-aware update sparsity (fraction of weights unchanged, eta = 1e-3) of each run's "
-        "final checkpoint against its initialisation.",
+        "final checkpoint against its initialisation; mean over seeds [95% t interval over seeds].",
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 3 + ["---:"] * len(value_cols)) + "|",
+        "|" + "|".join(["---"] * 4 + ["---:"] * len(value_cols)) + "|",
     ]
-    for row in wide.iter_rows(named=True):
-        cells = [row["run"], row["method"], str(row["step"]), *[f"{row[c]:.4f}" for c in value_cols]]
+    for group, runs in groups_of(wide["run"].to_list()).items():
+        rows = wide.filter(pl.col("run").is_in(runs))
+        cells = [group, rows["method"][0], str(len(runs)), str(rows["step"][0])]
+        cells += [seed_interval(rows[c].to_list()).format(4) for c in value_cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

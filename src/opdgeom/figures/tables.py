@@ -145,3 +145,30 @@ def run_order(runs: list[str]) -> pl.Expr:
 
 def write_csv(table: pl.DataFrame, out_prefix: Path) -> Path:
     return write_text(table.write_csv(), Path(f"{out_prefix}.csv"))
+
+
+def seed_group(run: str) -> str:
+    """The config entry a run is a seed replicate of ("opd.s1" -> "opd"); other runs are their own."""
+    from opdgeom.plan import run_group
+
+    return run_group(run)
+
+
+def groups_of(runs: list[str]) -> dict[str, list[str]]:
+    """Config entry -> its runs (seed replicates), in the order of ``runs``."""
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        out.setdefault(seed_group(run), []).append(run)
+    return out
+
+
+def over_seeds(per_run: pl.DataFrame, by: list[str], value: str = "value") -> pl.DataFrame:
+    """Per ``by`` + group: mean over the group's runs and a t interval (lo, hi; NaN for one seed)."""
+    from opdgeom.stats import seed_interval
+
+    rows = []
+    table = per_run.with_columns(group=pl.col("run").map_elements(seed_group, return_dtype=pl.String))
+    for key, part in table.group_by(["group", *by], maintain_order=True):
+        ci = seed_interval(part[value].cast(pl.Float64).fill_null(float("nan")).to_list())
+        rows.append({**dict(zip(["group", *by], key)), "mean": ci.mean, "lo": ci.lo, "hi": ci.hi, "n_seeds": ci.n})
+    return pl.DataFrame(rows)

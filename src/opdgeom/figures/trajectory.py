@@ -15,8 +15,10 @@ from opdgeom.figures.style import legend_below, legend_height, new_figure, run_s
 from opdgeom.figures.tables import (
     GEOMETRY_COLUMNS,
     check_methods,
+    groups_of,
     layer_matrices,
     metric_rows,
+    over_seeds,
     read_tables,
     require_runs,
     run_order,
@@ -109,11 +111,17 @@ def trajectory_figure(
     )
     write_csv(data, out_prefix)
 
-    styles = run_styles(methods, runs)
-    fig, ax = new_figure(height_in=2.3 + legend_height(runs))
-    for run in runs:
-        line = data.filter(pl.col("run") == run)
-        ax.plot(line["step"], line["value"], label=run, **styles[run].line())
+    group_runs = groups_of(runs)
+    group_methods = {g: methods[rs[0]] for g, rs in group_runs.items()}
+    styles = run_styles(group_methods)
+    fig, ax = new_figure(height_in=2.3 + legend_height([f"{g} (3 seeds)" for g in group_runs]))
+    seeded = over_seeds(data, ["step"]).sort("step")
+    for group, members in group_runs.items():
+        line = seeded.filter(pl.col("group") == group)
+        label = f"{group} ({len(members)} seeds)" if len(members) > 1 else group
+        ax.plot(line["step"], line["mean"], label=label, **styles[group].line())
+        if len(members) > 1:
+            ax.fill_between(line["step"], line["lo"], line["hi"], color=styles[group].color, alpha=0.2, lw=0)
     if (panel.log_y if log_y is None else log_y) and not data.filter(pl.col("value") > 0).is_empty():
         ax.set_yscale("log")
     if panel.ylim:

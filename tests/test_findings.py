@@ -1,0 +1,100 @@
+"""The findings page, built from small fixed tables."""
+
+import polars as pl
+
+from opdgeom.figures import FIGURES
+
+
+def _eval(ref, rows):
+    rows = [(s, c * 10, nll, kl, rw) for s, c, nll, kl, rw in rows]  # 100 prompts
+    return pl.DataFrame(
+        [{"ref": ref, "step": s, "tokens": 0, "domain": "math", "accuracy": sum(c) / len(c), "n": len(c),
+          "mean_completion_tokens": 5.0, "nll": nll, "correct": c, "reverse_kl": kl, "sampled_reward": rw}
+         for s, c, nll, kl, rw in rows],
+        schema_overrides={"correct": pl.List(pl.Int8)},
+    )  # fmt: skip
+
+
+def _geom(run, metrics, step=None):
+    rows = []
+    for tensor, module, params in (("model.layers.0.mlp.up_proj.weight", "up_proj", 300),
+                                   ("model.layers.0.self_attn.q_proj.weight", "q_proj", 100)):  # fmt: skip
+        for metric, value in metrics.items():
+            row = {"run": run, "tensor": tensor, "kind": "matrix", "layer": 0, "module": module,
+                   "metric": metric, "parameters": params, "value": value}  # fmt: skip
+            if step is not None:
+                row["step"] = step
+            rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def test_findings_page_from_fixed_tables(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "trajectory").mkdir()
+    n = 10
+    anchor = [1] * 3 + [0] * 7
+    paths = []
+    evals = {
+        "student": [(0, [0] * n, 3.0, 2.0, 0.0)],
+        "teacher.math": [(0, [1] * 9 + [0], 0.5, 0.0, 0.9)],
+        # OPD, two seeds: accuracy 0.3 -> 0.6 / 0.5, reverse KL 1.0 -> 0.5 / 0.6
+        "opd.s0": [(0, anchor, 1.0, 1.0, 0.3), (10, [1] * 6 + [0] * 4, 0.9, 0.5, 0.5)],
+        "opd.s1": [(0, anchor, 1.0, 1.0, 0.3), (10, [1] * 5 + [0] * 5, 0.9, 0.6, 0.4)],
+        # RLVR, one seed: accuracy unchanged
+        "rlvr": [(0, anchor, 1.0, 1.0, 0.3), (10, anchor, 1.0, 1.1, 0.3)],
+    }
+    for ref, rows in evals.items():
+        paths.append(tmp_path / "eval" / f"{ref}.parquet")
+        _eval(ref, rows).write_parquet(paths[-1])
+    for run, sparsity in (("opd.s0", 0.9), ("opd.s1", 0.8), ("rlvr", 0.5)):
+        compare = _geom(run, {"bf16_sparsity": sparsity, "update_frobenius_norm": 0.1, "relative_update_norm": 0.01,
+                              "principal_angle_right_max": 1.0, "spectral_shift": 1e-3,
+                              "mask_overlap_principal": 0.05, "mask_overlap_low_magnitude": 0.06})  # fmt: skip
+        paths.append(tmp_path / "compare" / f"{run}.parquet")
+        compare.write_parquet(paths[-1])
+        traj = pl.concat(
+            [
+                _geom(
+                    run,
+                    {
+                        "frobenius_norm": 0.1 * s / 10,
+                        "stable_rank": 2.0 + s / 10,
+                        "tail_index": 1.5,
+                        "subspace_similarity_to_final": s / 10,
+                    },
+                    step=s,
+                )
+                for s in (5, 10)
+            ]  # fmt: skip
+        )
+        paths.append(tmp_path / "trajectory" / f"{run}.parquet")
+        traj.write_parquet(paths[-1])
+    methods = {"opd.s0": "opd", "opd.s1": "opd", "rlvr": "rlvr"}
+    text = FIGURES["findings"](
+        paths,
+        tmp_path / "findings",
+        methods=methods,
+        references={"student": "base", "teacher.math": "teacher"},
+        inits={r: "sft" for r in methods},
+        train={r: {"lr": 1e-4, "steps": 10} for r in methods},
+        cluster={"name": "qwen3-8b", "lr": 1e-6, "steps": 200, "weight_rms": 0.02},
+    )
+    assert (tmp_path / "findings.md").read_text() == text
+    assert "<table>" in (tmp_path / "findings.html").read_text()
+    lines = text.splitlines()
+    opd = next(line for line in lines if line.startswith("| opd | opd | 2 |"))
+    # accuracy 0.3 -> mean(0.6, 0.5) = 0.55; KL change -0.5 and -0.4 (t interval over two seeds spans < 0)
+    assert "| 0.300 [" in opd and "| 0.550 [" in opd and "accuracy above init: yes" in opd
+    assert "reverse KL to teacher lower: unresolved" in opd or "reverse KL to teacher lower: yes" in opd
+    rlvr = next(line for line in lines if line.startswith("| rlvr | rlvr | 1 |"))
+    assert "accuracy above init: unresolved" in rlvr and "sampled reward higher: one seed, no interval" in rlvr
+    assert "| base (student) | 0.000 [0.000, 0.000] |" in text
+    # table 1 quantity: parameter-weighted sparsity, mean over the two OPD seeds = 0.85
+    assert any(line.startswith("| table1 |") and "| opd | 0.8500 [" in line for line in lines)
+    # budget: rms(W0) = (0.1 / 0.01) / sqrt(params); the cluster row is 1e-6 / 0.02 = 5e-05 per step
+    assert "| cluster preset (qwen3-8b) | all (initializer range) | 1e-06 | 200 | 0.0200 | 5e-05 | 0.01 |" in text
+    up = next(line for line in lines if line.startswith("| opd | up_proj | 0.0001 | 10 |"))
+    assert f"| {10 / 300**0.5:.4f} |" in up
+    # relative update at the last step: sqrt(2 * 0.1^2) / sqrt(2 * 10^2) = 0.01
+    assert "| opd | 10 | 0.0100" in text
