@@ -9,8 +9,9 @@ from opdgeom.models import build_model
 from opdgeom.spec import RunSpec
 from opdgeom.tasks import MathTask, split
 from opdgeom.tokenizer import build_char_tokenizer
+from opdgeom.train.batches import score
 from opdgeom.train.behaviour import FrozenPolicy
-from opdgeom.train.methods import PolicyGradientMethod, SFTMethod, score
+from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
 
 from conftest import SETTINGS, TINY
 
@@ -46,7 +47,10 @@ def spec(method, **options) -> RunSpec:
 
 def methods(setup):
     tok, student, teacher, anchor, examples = setup
-    teacher_scores = functools.partial(score, teacher, max_tokens=None)
+
+    def teacher_scores(prompts, prompt_ids, completion_ids, batch):  # a teacher in the student's format
+        return score(teacher, batch, max_tokens=None)
+
     pg = functools.partial(PolicyGradientMethod, tok, examples, MathTask(), seed=0, teacher=teacher_scores)
     return {
         "sft": SFTMethod(tok, examples, batch_size=8, seed=0),

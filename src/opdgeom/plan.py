@@ -178,6 +178,7 @@ class Study:
                 ),
                 alpha=entry.get("alpha"),
                 seed=entry.get("seed"),
+                teacher_prompt_format=self.models[teacher].get("prompt_format", "raw") if teacher else "raw",
                 **options,
             )
             self._check_options(where, runs[name])

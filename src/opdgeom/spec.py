@@ -115,6 +115,9 @@ class RunSpec:
     # The run's seed (batch order and every random draw); None: the config's top-level seed. Runs
     # expanded from a ``seeds:`` list carry theirs (see opdgeom.plan, names "<entry>.s<seed>").
     seed: int | None = None
+    # How the teacher reads a prompt: "raw" like the student, or "chat" (its own chat template,
+    # thinking off), from the teacher model's entry in the family preset.
+    teacher_prompt_format: str = "raw"
 
     @property
     def is_policy_gradient(self) -> bool:
@@ -127,6 +130,7 @@ class RunSpec:
     def to_json(self) -> dict:
         out = {"name": self.name, "method": self.method, "init": self.init, "domain": self.domain}
         out |= {"teacher": self.teacher} if self.teacher else {}
+        out |= {"teacher_prompt_format": self.teacher_prompt_format} if self.teacher_prompt_format != "raw" else {}
         out["train"] = _plain(self.train)
         for option in ("alpha", "token_mask", "behaviour", "projection", "seed"):
             value = getattr(self, option)

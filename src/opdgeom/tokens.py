@@ -43,3 +43,13 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
         attn_BT[i, : len(p) + len(c)] = 1
         target_mask_BT[i, max(len(p) - 1, 0) : len(p) + len(c) - 1] = 1.0
     return {"input_ids": ids_BT, "attention_mask": attn_BT, "target_mask": target_mask_BT}
+
+
+def chat_prompt(tokenizer, text: str) -> list[int]:
+    """An instruct model's prompt: its own chat template around ``text`` as the user's turn, ready
+    for the assistant's answer, thinking switched off (Qwen3 templates then emit an empty
+    ``<think></think>`` block: no reasoning text precedes the answer the teacher scores)."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, enable_thinking=False, tokenize=False
+    )
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]

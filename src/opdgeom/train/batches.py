@@ -8,6 +8,8 @@ from functools import lru_cache
 
 import torch
 
+from opdgeom.train.objectives import token_logprobs
+
 
 def epoch_batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Indices of the batch at ``step``: a fresh permutation per epoch, a pure function of (seed, step).
@@ -87,3 +89,14 @@ class TokenBatch:
             half = len(groups[largest]) // 2
             groups[largest : largest + 1] = [groups[largest][:half], groups[largest][half:]]
         return groups
+
+
+@torch.no_grad()
+def score(model, batch: TokenBatch, max_tokens: int | None) -> torch.Tensor:
+    """log pi(y_t) of every position of ``batch`` under ``model``, micro-batch by micro-batch: (B, T-1)."""
+    out_BT = torch.zeros(batch.target_mask_BT.shape, dtype=torch.float32, device=batch.input_ids_BT.device)
+    for rows in batch.split(max_tokens):
+        micro = batch.select(rows)
+        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
+        out_BT[rows, : logp_BT.shape[1]] = logp_BT.float()
+    return out_BT

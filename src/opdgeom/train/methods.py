@@ -19,7 +19,7 @@ from opdgeom.rollout import HFEngine
 from opdgeom.rollout.colocate import behaviour_version
 from opdgeom.spec import RunSpec, TrainSettings
 from opdgeom.tokens import encode_completion, encode_prompt, pack
-from opdgeom.train.batches import TokenBatch, epoch_batch_indices
+from opdgeom.train.batches import TokenBatch, epoch_batch_indices, score
 from opdgeom.train.behaviour import OnPolicy
 from opdgeom.train.distributed import SINGLE, World, global_sum, local_rows
 from opdgeom.train.objectives import (
@@ -42,17 +42,6 @@ def _normalizer(mask_BT: torch.Tensor, world: World) -> torch.Tensor:
 def _global_mean(value: torch.Tensor | float, world: World) -> float:
     value = torch.as_tensor(value, dtype=torch.float64, device=world.device)
     return (global_sum(value.detach(), world) / world.size).item()
-
-
-@torch.no_grad()
-def score(model, batch: TokenBatch, max_tokens: int | None) -> torch.Tensor:
-    """log pi(y_t) of every position of ``batch`` under ``model``, micro-batch by micro-batch: (B, T-1)."""
-    out_BT = torch.zeros(batch.target_mask_BT.shape, dtype=torch.float32, device=batch.input_ids_BT.device)
-    for rows in batch.split(max_tokens):
-        micro = batch.select(rows)
-        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
-        out_BT[rows, : logp_BT.shape[1]] = logp_BT.float()
-    return out_BT
 
 
 class SFTMethod:
@@ -98,8 +87,8 @@ class PolicyGradientMethod:
     ``run.method`` selects the advantage: "opd" (teacher reverse KL per token), "rlvr" (GRPO on the
     verifier's reward) or "mix" (alpha * OPD + (1 - alpha) * RLVR). ``behaviour`` says who samples
     (on-policy by default). ``run.token_mask`` trains on a fraction of the completion tokens, chosen
-    by largest per-token reverse KL or at random. ``teacher`` is a callable scoring a TokenBatch
-    (log pi_teacher per position), whatever holds the teacher (a model, a sharded copy, an engine).
+    by largest per-token reverse KL or at random. ``teacher`` (a TeacherScorer) gives log pi_teacher
+    of the sampled tokens at the batch's positions, whatever holds the teacher and its prompt format.
     """
 
     def __init__(
@@ -109,7 +98,7 @@ class PolicyGradientMethod:
         task,
         run: RunSpec,
         seed: int,
-        teacher: Callable[[TokenBatch], torch.Tensor] | None = None,
+        teacher: Callable[..., torch.Tensor] | None = None,
         behaviour=None,
         world: World = SINGLE,
         engine=None,
@@ -182,7 +171,8 @@ class PolicyGradientMethod:
         if not self.behaviour.on_policy:
             batch.extra["behaviour_logp_BT"] = score(sampler, batch, s.micro_batch_tokens)
         if self.uses_teacher:
-            batch.extra["teacher_logp_BT"] = self.teacher(batch)
+            prompts = [self.examples[i].prompt for i in rows]
+            batch.extra["teacher_logp_BT"] = self.teacher(prompts, rollouts.prompt_ids, rollouts.completion_ids, batch)
         if self.advantage in ("rlvr", "mix"):
             batch.extra["seq_advantage_B"] = grpo_advantages(rewards_B, s.group_size)
         if self.token_mask:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import shutil
@@ -19,8 +18,9 @@ from opdgeom.tasks.files import read_jsonl
 from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
 from opdgeom.train.distributed import SINGLE, World, barrier, load_sharded, setup, teardown
 from opdgeom.train.loop import STATE_DIR, log, train
-from opdgeom.train.methods import PolicyGradientMethod, SFTMethod, score
+from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
 from opdgeom.train.projection import SubspaceProjection
+from opdgeom.train.teacher import TeacherScorer
 
 
 def fingerprint(*parts) -> str:
@@ -135,7 +135,9 @@ def make_method(run: RunSpec, tokenizer, examples, init: Path, teacher_path, see
     teacher = None
     if teacher_path:
         teacher_model = load_frozen(teacher_path, run.train, world)
-        teacher = functools.partial(score, teacher_model, max_tokens=run.train.micro_batch_tokens)
+        teacher = TeacherScorer(
+            teacher_model, tokenizer, teacher_path, run.teacher_prompt_format, run.train.micro_batch_tokens
+        )
     return PolicyGradientMethod(
         tokenizer,
         examples,
