@@ -375,6 +375,12 @@ class Study:
         """The file that proves ``ref`` exists (what a rule depends on)."""
         return self.model_dir(ref) if ref in self.models else self.manifest(ref)
 
+    def basis_file(self, run: str) -> Path:
+        """The training subspace of a projected run: its reference run's update at ``at_fraction``."""
+        p = self.runs[run].projection
+        reference, step = self.projection_checkpoint(run)
+        return self.results / "diagnose" / "basis" / f"{reference}.step{step:06d}.rank{p.rank}.safetensors"
+
     def projection_checkpoint(self, run: str) -> tuple[str, int]:
         """(reference run, its checkpoint step nearest to at_fraction of its training)."""
         p = self.runs[run].projection

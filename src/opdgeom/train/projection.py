@@ -1,12 +1,12 @@
 """Functional sufficiency: train inside a fixed low-rank input subspace of every weight matrix.
 
 V_r (in x r) = the top-r right singular vectors of a reference run's cumulative update
-dW = W_t - W_0 at ~20% of that run. Mode "gradient" projects each gradient, g <- g V V^T, before
-the optimizer (AdamW's per-coordinate scaling and weight decay can still move weights outside the
-subspace: that leak is measured, not hidden). Mode "update" projects the cumulative update after
-every optimizer step, W <- W_0 + (W - W_0) V V^T, so the weights never leave W_0 + span.
-Only the 2-D matrices inside transformer layers are projected; embeddings, lm_head and 1-D weights
-train freely in both modes.
+dW = W_t - W_0 at ~20% of that run (computed by opdgeom.geometry.basis, read here from its file).
+Mode "gradient" projects each gradient, g <- g V V^T, before the optimizer (AdamW's
+per-coordinate scaling and weight decay can still move weights outside the subspace: that leak is
+measured, not hidden). Mode "update" projects the cumulative update after every optimizer step,
+W <- W_0 + (W - W_0) V V^T, so the weights never leave W_0 + span. Only the 2-D matrices inside
+transformer layers are projected; embeddings, lm_head and 1-D weights train freely in both modes.
 
 Both projections act on the input (column) side, so they are row-local: under FSDP2, which
 shards every matrix by rows, each rank projects the rows it holds and no weight moves between ranks.
@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-from opdgeom.geometry.spectral import top_right_singular_vectors
-from opdgeom.geometry.stream import iter_tensor_pairs
 from opdgeom.train.distributed import SINGLE, World, global_sum
 
 MODES = ("gradient", "update")
@@ -54,16 +52,11 @@ class SubspaceProjection:
         self.w0 = {name: _local_rows(p).detach().clone() for name, p in self.params.items()}
 
     @classmethod
-    def from_reference(
-        cls, model, reference_init: Path, reference_checkpoint: Path, rank: int, mode: str, world: World = SINGLE
-    ):
-        """Bases from the reference run's update between two checkpoints (streamed tensor by tensor)."""
-        bases = {}
-        for pair in iter_tensor_pairs(reference_init, reference_checkpoint):
-            if pair.info.kind == "matrix":
-                dw_mn = pair.w1.double() - pair.w0.double()
-                bases[pair.name] = top_right_singular_vectors(dw_mn, min(rank, min(dw_mn.shape))).float()
-        return cls(model, bases, mode, world)
+    def from_file(cls, model, bases_file: Path, mode: str, world: World = SINGLE):
+        """Bases written by ``opdgeom basis`` (opdgeom.geometry.basis) from the reference run."""
+        from safetensors.torch import load_file
+
+        return cls(model, load_file(bases_file), mode, world)
 
     @torch.no_grad()
     def after_backward(self, model) -> None:
