@@ -5,7 +5,7 @@ The student has Qwen3-8B's layers (hidden 4096, MLP 12288, 32 query / 8 KV heads
 teacher Qwen3-32B's, a few layers each, random weights built from the config (no hub). Both run the
 training code's sharding path: FSDP2 over a one-rank group with the bf16 mixed-precision policy and
 per-layer activation checkpointing (``distributed.shard``), the teacher bf16 sharded (``shard_frozen``),
-log-probs chunked over positions (``objectives.token_logprobs``). Rollouts are random tokens (the
+log-probs chunked over positions (``opdgeom.logprobs.token_logprobs``). Rollouts are random tokens (the
 rollout engine is benchmarked elsewhere), so the plan is taken without its rollout components.
 
     python benchmarks/bench_train_memory.py              # on a GPU (scripts/gpu_check.sh runs this)
@@ -22,9 +22,10 @@ import time
 import torch
 import torch.distributed as dist
 
+from opdgeom.logprobs import token_logprobs
 from opdgeom.train.distributed import World, shard, shard_frozen
 from opdgeom.train.memory_plan import GB, HUB_SHAPES, ModelShape, meta_model, plan_shapes
-from opdgeom.train.objectives import opd_advantages, pg_loss, token_logprobs
+from opdgeom.train.objectives import opd_advantages, pg_loss
 
 TINY = ModelShape("qwen3", 64, 2, 2, 1, 32, 128, 512, False)
 

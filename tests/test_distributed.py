@@ -134,7 +134,10 @@ def test_two_ranks_train_inside_a_subspace(tiny, tmp_path):  # noqa: F811
     reference = {"name": "ref", "method": "sft", "init": "student", "domain": "math", "train": {**SETTINGS, "steps": 2}}
     ref = _train(tiny, reference, tmp_path / "ref", nproc=1)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    extra = ["--projection-reference", str(tiny["init"]), str(tmp_path / "ref" / "step_000002")]
+    basis = tmp_path / "basis.safetensors"
+    cmd = [sys.executable, "-m", "opdgeom", "basis", str(tiny["init"]), str(tmp_path / "ref" / "step_000002")]
+    subprocess.run([*cmd, "--rank", "4", "--out", str(basis)], check=True)
+    extra = ["--projection-basis", str(basis)]
     spec = {
         "name": "dp", "method": "sft", "init": "student", "domain": "math",
         "train": {**SETTINGS, "steps": 4, "checkpoint_every": 2},

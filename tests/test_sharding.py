@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 
-from opdgeom.train.objectives import chunked_token_logprobs, token_logprobs
+from opdgeom.logprobs import chunked_token_logprobs, token_logprobs
 
 VOCAB = 61  # odd: the embedding's and lm_head's rows split unevenly over two ranks (FSDP2 padding)
 

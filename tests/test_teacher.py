@@ -7,10 +7,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from opdgeom.logprobs import token_logprobs
 from opdgeom.models import build_model, save_model
 from opdgeom.tokens import encode_completion, encode_prompt, pack
 from opdgeom.train.batches import TokenBatch
-from opdgeom.train.objectives import token_logprobs
 from opdgeom.train.teacher import TeacherScorer
 
 from conftest import TINY

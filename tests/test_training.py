@@ -107,9 +107,22 @@ def test_non_finite_loss_stops_without_a_checkpoint(tiny, tmp_path):
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 
-def _reference(tiny, tmp_path) -> tuple[Path, Path]:
+def _basis(tiny, tmp_path, rank: int = 4) -> Path:
+    """The subspace file `opdgeom basis` writes from a reference run's first checkpoint."""
     ref = train_run(run_spec("sft"), tiny["init"], tiny["data"], tmp_path / "ref", seed=0)
-    return tiny["init"], Path(read_manifest(ref)[1]["path"])
+    out = tmp_path / "basis.safetensors"
+    cmd = [
+        sys.executable,
+        "-m",
+        "opdgeom",
+        "basis",
+        str(tiny["init"]),
+        read_manifest(ref)[1]["path"],
+        "--rank",
+        str(rank),
+    ]
+    subprocess.run([*cmd, "--out", str(out)], check=True)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -125,7 +138,7 @@ def test_projection_energy_outside_the_subspace(tiny, tmp_path, mode, inside):
     spec = run_spec("opd", projection={"mode": mode, "rank": 4, "reference": "ref", "at_fraction": 0.5})
     manifest = train_run(
         spec, tiny["init"], tiny["data"], tmp_path / "run", seed=0, teacher=tiny["teacher"],
-        projection_reference=_reference(tiny, tmp_path),
+        projection_basis=_basis(tiny, tmp_path),
     )  # fmt: skip
     energy = json.loads(manifest.read_text())["projection"]["energy_outside"]
     assert inside(energy["total"]), energy

@@ -19,6 +19,7 @@ pytest.importorskip("vllm", reason="vllm is not installed here: run under .venv-
 
 import torch  # noqa: E402
 
+from opdgeom.logprobs import token_logprobs  # noqa: E402
 from opdgeom.models import build_model, load_model, save_model  # noqa: E402
 from opdgeom.rollout import HFEngine  # noqa: E402
 from opdgeom.rollout.vllm_engine import VLLMEngine  # noqa: E402
@@ -26,7 +27,7 @@ from opdgeom.tasks import MathTask, split  # noqa: E402
 from opdgeom.tokenizer import build_char_tokenizer  # noqa: E402
 from opdgeom.tokens import encode_prompt, pack  # noqa: E402
 from opdgeom.train.methods import SFTMethod  # noqa: E402
-from opdgeom.train.objectives import opd_advantages, pg_loss, token_logprobs  # noqa: E402
+from opdgeom.train.objectives import opd_advantages, pg_loss  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -76,8 +76,14 @@ def _train(args) -> None:
         args.out,
         args.seed,
         teacher=args.teacher,
-        projection_reference=args.projection_reference,
+        projection_basis=args.projection_basis,
     )
+
+
+def _basis(args) -> None:
+    from opdgeom.geometry.basis import write_bases
+
+    write_bases(args.init, args.checkpoint, args.rank, args.out)
 
 
 def _checkpoints(args) -> list[dict]:
@@ -232,13 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, required=True)
     p.add_argument("--train-data", type=Path, required=True)
     p.add_argument("--teacher", type=Path)
-    p.add_argument(
-        "--projection-reference", type=Path, nargs=2, metavar=("INIT", "CHECKPOINT"),
-        help="the reference run's init and checkpoint whose update spans the training subspace",
-    )  # fmt: skip
+    p.add_argument("--projection-basis", type=Path, help="the training subspace (written by `opdgeom basis`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("basis", help="top-k right singular vectors of each matrix's update (projected training)")
+    p.add_argument("init", type=Path, help="the reference run's init")
+    p.add_argument("checkpoint", type=Path, help="the reference run's checkpoint")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True, help="a safetensors file of n x k bases")
+    p.set_defaults(func=_basis)
 
     p = sub.add_parser("evaluate", help="held-out accuracy of every checkpoint of a run (or one model)")
     src = p.add_mutually_exclusive_group(required=True)

@@ -19,12 +19,12 @@ import polars as pl
 import torch
 
 from opdgeom.device import local_device
+from opdgeom.logprobs import token_logprobs
 from opdgeom.models import load_model, load_tokenizer
 from opdgeom.rollout import HFEngine
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.tokens import encode_completion, encode_prompt, pack
-from opdgeom.train.objectives import token_logprobs
 
 KL_SEED = 1234  # the held-out completions of the reverse-KL metric are drawn with this seed
 

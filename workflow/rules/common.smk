@@ -46,8 +46,7 @@ def run_inputs(wildcards):
     if spec.teacher:
         inputs["teacher"] = str(STUDY.ref_marker(STUDY.teacher_ref(spec.teacher, spec.domain)))
     if spec.projection:
-        reference, _ = STUDY.projection_checkpoint(wildcards.run)
-        inputs["reference"] = str(STUDY.manifest(reference))
+        inputs["basis"] = str(STUDY.basis_file(wildcards.run))
     return inputs
 
 
@@ -58,9 +57,7 @@ def run_flags(wildcards):
     if spec.teacher:
         flags += f" --teacher {STUDY.ref_path(STUDY.teacher_ref(spec.teacher, spec.domain))}"
     if spec.projection:
-        reference, step = STUDY.projection_checkpoint(wildcards.run)
-        ref_init = STUDY.ref_path(STUDY.runs[reference].init)
-        flags += f" --projection-reference {ref_init} {STUDY.checkpoint_dir(reference, step)}"
+        flags += f" --projection-basis {STUDY.basis_file(wildcards.run)}"
     return flags
 
 

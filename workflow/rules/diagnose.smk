@@ -41,3 +41,23 @@ rule trajectory:
     shell:
         "python -m opdgeom trajectory {params.run_dir} --k {params.d[trajectory_k]} --device {params.d[device]} "
         "--cache {params.cache} --out {output} 2> {log}"
+
+
+# The subspace a projected run trains in: top-k right singular vectors of its reference run's update.
+rule basis:
+    input:
+        manifest=f"{RES}/runs/{{ref}}/manifest.json",
+    output:
+        f"{RES}/diagnose/basis/{{ref}}.step{{step}}.rank{{rank}}.safetensors",
+    log:
+        f"{LOGS}/diagnose/basis/{{ref}}.step{{step}}.rank{{rank}}.log",
+    wildcard_constraints:
+        step=r"\d{6}",
+        rank=r"\d+",
+    conda:
+        "../../envs/diagnose.yaml"
+    params:
+        init=lambda wc: STUDY.ref_path(STUDY.runs[wc.ref].init),
+        checkpoint=lambda wc: STUDY.checkpoint_dir(wc.ref, int(wc.step)),
+    shell:
+        "python -m opdgeom basis {params.init} {params.checkpoint} --rank {wildcards.rank} --out {output} 2> {log}"

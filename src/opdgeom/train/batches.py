@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import torch
 
-from opdgeom.train.objectives import token_logprobs
+from opdgeom.logprobs import token_logprobs
 
 
 def epoch_batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -20,7 +20,7 @@ What is resident on a rank, and when (a run is rollout -> teacher scoring -> stu
 - update: the student's gathered root unit (the root does not reshard between forward and backward), two
   layer units with their bf16 gradients and fp32 reduce-scatter buffer, the per-layer checkpointed
   activations at the micro-batch token budget plus one layer's recompute, one logits chunk with its
-  gradient (``objectives.token_logprobs`` chunking).
+  gradient (``opdgeom.logprobs.token_logprobs`` chunking).
 
 Activation sizes are estimates from the layer's tensor shapes (formulas in each component); allocator
 fragmentation, the CUDA context and communication buffers are what ``headroom`` (default 10% of the
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from opdgeom.train.objectives import DEFAULT_CHUNK_TOKENS
+from opdgeom.logprobs import DEFAULT_CHUNK_TOKENS
 
 GB = 1e9
 BF16, FP32 = 2, 4

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from opdgeom.logprobs import token_logprobs
 from opdgeom.rollout import HFEngine
 from opdgeom.rollout.colocate import behaviour_version
 from opdgeom.spec import RunSpec, TrainSettings
@@ -29,7 +30,6 @@ from opdgeom.train.objectives import (
     pg_loss,
     select_tokens,
     sft_loss,
-    token_logprobs,
 )
 
 

@@ -158,15 +158,15 @@ def train_run(
     out_dir: Path,
     seed: int,
     teacher: Path | None = None,
-    projection_reference: tuple[Path, Path] | None = None,
+    projection_basis: Path | None = None,
 ) -> Path:
     """Train ``run`` from ``init``; write checkpoints and manifest.
 
-    ``projection_reference`` = (reference init, reference checkpoint) for subspace-projected runs.
+    ``projection_basis``: the subspace file (``opdgeom basis``) of a subspace-projected run.
     """
     init, train_data, out_dir = Path(init), Path(train_data), Path(out_dir)
     world = setup(one_rank_group=run.train.mixed_precision == "bf16")
-    fp = fingerprint(run.to_json(), str(init), str(train_data), str(teacher), str(projection_reference), seed)
+    fp = fingerprint(run.to_json(), str(init), str(train_data), str(teacher), str(projection_basis), seed)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _clear_stale(out_dir, fp)
@@ -185,10 +185,9 @@ def train_run(
     method = make_method(run, tokenizer, examples, init, teacher, seed, world)
     projection = None
     if run.projection:
-        if projection_reference is None:
-            raise ValueError(f"run {run.name!r} asks for a projection but no reference checkpoints were given")
-        p = run.projection
-        projection = SubspaceProjection.from_reference(model, *projection_reference, p.rank, p.mode, world)
+        if projection_basis is None:
+            raise ValueError(f"run {run.name!r} asks for a projection but no --projection-basis file was given")
+        projection = SubspaceProjection.from_file(model, projection_basis, run.projection.mode, world)
     log(
         f"run {run.name}: method={run.method} init={init} examples={len(examples)} "
         f"steps={run.train.steps} device={world.device} world={world.size}"
