@@ -31,6 +31,11 @@ def _cmd(tiny, spec, out, nproc: int, extra=()) -> list[str]:
 ENV = {"OMP_NUM_THREADS": "1", **os.environ}
 
 
+def dp_spec(method: str, steps: int, checkpoint_every: int = 2, **options) -> dict:
+    train = {**SETTINGS, "steps": steps, "checkpoint_every": checkpoint_every}
+    return {"name": "dp", "method": method, "init": "student", "domain": "math", "train": train, **options}
+
+
 def _train(tiny, spec, out, nproc: int, extra=()) -> subprocess.CompletedProcess:
     return subprocess.run(_cmd(tiny, spec, out, nproc, extra), capture_output=True, text=True, env=ENV)
 
@@ -38,10 +43,7 @@ def _train(tiny, spec, out, nproc: int, extra=()) -> subprocess.CompletedProcess
 def test_two_ranks_killed_mid_run_resume_from_their_shards_to_identical_weights(tiny, tmp_path):
     """SIGKILL to every process of a 2-rank job after its first checkpoint; the rerun resumes from the
     sharded DCP state (each rank wrote, and reads, only its own shard) to the uninterrupted run's weights."""
-    spec = {
-        "name": "dp", "method": "opd", "init": "student", "domain": "math",
-        "token_mask": {"select": "random", "keep": 0.5}, "train": {**SETTINGS, "steps": 12, "checkpoint_every": 3},
-    }  # fmt: skip
+    spec = dp_spec("opd", steps=12, checkpoint_every=3, token_mask={"select": "random", "keep": 0.5})
     straight = _train(tiny, spec, tmp_path / "straight", nproc=2)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -67,14 +69,8 @@ def test_two_ranks_killed_mid_run_resume_from_their_shards_to_identical_weights(
         assert torch.equal(tensor, b["model"][name]), f"fp32 weights differ after resume: {name}"
 
 
-def test_two_ranks_match_one_process_on_the_same_global_batch(tiny, tmp_path):  # noqa: F811
-    spec = {
-        "name": "dp",
-        "method": "sft",
-        "init": "student",
-        "domain": "math",
-        "train": {**SETTINGS, "steps": 4, "checkpoint_every": 2},
-    }
+def test_two_ranks_match_one_process_on_the_same_global_batch(tiny, tmp_path):
+    spec = dp_spec("sft", steps=4)
     one = _train(tiny, spec, tmp_path / "one", nproc=1)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _train(tiny, spec, tmp_path / "two", nproc=2)
@@ -94,14 +90,8 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tiny, tmp_path):  
     assert (tmp_path / "two" / "step_000004" / "model.safetensors").exists()
 
 
-def test_two_ranks_run_on_policy_distillation(tiny, tmp_path):  # noqa: F811
-    spec = {
-        "name": "dp",
-        "method": "opd",
-        "init": "student",
-        "domain": "math",
-        "train": {**SETTINGS, "steps": 2, "checkpoint_every": 2},
-    }
+def test_two_ranks_run_on_policy_distillation(tiny, tmp_path):
+    spec = dp_spec("opd", steps=2)
     two = _train(tiny, spec, tmp_path / "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     final = load_file(tmp_path / "two" / "step_000002" / "model.safetensors")
@@ -109,13 +99,10 @@ def test_two_ranks_run_on_policy_distillation(tiny, tmp_path):  # noqa: F811
     assert any(not torch.equal(final[k], init[k]) for k in final)
 
 
-def test_two_ranks_sample_from_a_lagged_copy(tiny, tmp_path):  # noqa: F811
+def test_two_ranks_sample_from_a_lagged_copy(tiny, tmp_path):
     """Off-policy control under FSDP: the lagged copy is sharded like the policy, refreshed from
     each rank's own shards every `lag` steps, and saved (sharded) with the trainer state."""
-    spec = {
-        "name": "dp", "method": "opd", "init": "student", "domain": "math", "behaviour": {"policy": "lagged", "lag": 2},
-        "train": {**SETTINGS, "steps": 3, "checkpoint_every": 2},
-    }  # fmt: skip
+    spec = dp_spec("opd", steps=3, behaviour={"policy": "lagged", "lag": 2})
     two = _train(tiny, spec, tmp_path / "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     state = full_trainer_state(tmp_path / "two")
@@ -128,21 +115,17 @@ def test_two_ranks_sample_from_a_lagged_copy(tiny, tmp_path):  # noqa: F811
         assert torch.equal(lagged[name].to(weight.dtype), weight), name
 
 
-def test_two_ranks_train_inside_a_subspace(tiny, tmp_path):  # noqa: F811
+def test_two_ranks_train_inside_a_subspace(tiny, tmp_path):
     """Subspace-projected training under FSDP: each rank projects the rows it holds; the result is the
     one-process run's, and the cumulative update stays inside the subspace."""
-    reference = {"name": "ref", "method": "sft", "init": "student", "domain": "math", "train": {**SETTINGS, "steps": 2}}
+    reference = {**dp_spec("sft", steps=2), "name": "ref"}
     ref = _train(tiny, reference, tmp_path / "ref", nproc=1)
     assert ref.returncode == 0, ref.stderr[-3000:]
     basis = tmp_path / "basis.safetensors"
     cmd = [sys.executable, "-m", "opdgeom", "basis", str(tiny["init"]), str(tmp_path / "ref" / "step_000002")]
     subprocess.run([*cmd, "--rank", "4", "--out", str(basis)], check=True)
     extra = ["--projection-basis", str(basis)]
-    spec = {
-        "name": "dp", "method": "sft", "init": "student", "domain": "math",
-        "train": {**SETTINGS, "steps": 4, "checkpoint_every": 2},
-        "projection": {"mode": "update", "rank": 4, "reference": "ref", "at_fraction": 0.5},
-    }  # fmt: skip
+    spec = dp_spec("sft", steps=4, projection={"mode": "update", "rank": 4, "reference": "ref", "at_fraction": 0.5})
     runs = {n: _train(tiny, spec, tmp_path / f"p{n}", nproc=n, extra=extra) for n in (1, 2)}
     for proc in runs.values():
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -34,7 +34,18 @@ def write_parquet(df: pl.DataFrame, path: str | Path) -> Path:
 
 def write_text(text: str, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes(data: bytes, path: str | Path, fsync: bool = False) -> Path:
+    """``fsync``: on disk before the rename (a store that other jobs read while this one may die)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
     return Path(path)
 
 

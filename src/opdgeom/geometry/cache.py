@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,8 @@ import blake3
 import torch
 from safetensors.torch import load as load_payload
 from safetensors.torch import save as save_payload
+
+from opdgeom.io import write_bytes
 
 # Bump whenever a cached statistic's definition or numerics change: old entries stop matching.
 CODE_VERSION = "opdgeom-geometry-2"
@@ -108,21 +109,10 @@ class StatCache:
         return stats
 
     def put(self, key: str, stats: dict[str, torch.Tensor]) -> None:
-        """Write atomically: unique temp file in the same folder, fsync, then os.replace."""
+        """Write atomically (temp file in the same folder, fsync, rename)."""
         payload = save_payload({name: t.detach().cpu().contiguous() for name, t in stats.items()})
         blob = MAGIC + hashlib.blake2b(payload, digest_size=DIGEST_BYTES).digest() + payload
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(blob, self.path(key), fsync=True)
 
     def get_or_compute(
         self,

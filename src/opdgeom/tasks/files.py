@@ -8,11 +8,10 @@ where the data came from.
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, fields
-from pathlib import Path
 
+from opdgeom.io import write_text
 from opdgeom.tasks.base import ANSWER_MARK, Example
 
 EXAMPLE_KEYS = [field.name for field in fields(Example)]
@@ -24,19 +23,7 @@ def write_jsonl(path: str | os.PathLike, examples: Iterable[Example]) -> None:
 
     A reader (or a Snakemake job) never sees a half-written file, even if this process dies.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            for example in examples:
-                handle.write(json.dumps(asdict(example), ensure_ascii=False) + "\n")
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
+    write_text("".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples), path)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
