@@ -18,7 +18,8 @@ from opdgeom.config import ConfigError
 # Every training method, and which of them need what; the schema's enum lists the same names.
 METHODS = ("sft", "opd", "rlvr", "mix")
 POLICY_GRADIENT_METHODS = ("opd", "rlvr", "mix")
-METHODS_NEEDING_TEACHER = ("opd", "mix")
+METHODS_NEEDING_TEACHER = ("opd", "mix")  # their advantage has the teacher's reverse KL in it
+METHODS_USING_REWARD = ("rlvr", "mix")  # their advantage has GRPO's group-normalised reward in it
 
 
 class SpecError(ConfigError):

@@ -18,7 +18,7 @@ import torch
 from opdgeom.logprobs import token_logprobs
 from opdgeom.rollout import HFEngine
 from opdgeom.rollout.colocate import behaviour_version
-from opdgeom.spec import RunSpec, TrainSettings
+from opdgeom.spec import METHODS_NEEDING_TEACHER, METHODS_USING_REWARD, RunSpec, TrainSettings
 from opdgeom.tokens import encode_completion, encode_prompt, pack
 from opdgeom.train.batches import TokenBatch, epoch_batch_indices, score
 from opdgeom.train.behaviour import OnPolicy
@@ -103,7 +103,7 @@ class PolicyGradientMethod:
         world: World = SINGLE,
         engine=None,
     ):
-        if run.method in ("opd", "mix") and teacher is None:
+        if run.method in METHODS_NEEDING_TEACHER and teacher is None:
             raise ValueError(f"method {run.method!r} needs a teacher model")
         if run.method == "mix" and run.alpha is None:
             raise ValueError("method 'mix' needs alpha (A = alpha * A_OPD + (1 - alpha) * A_RLVR)")
@@ -131,7 +131,7 @@ class PolicyGradientMethod:
 
     @property
     def uses_teacher(self) -> bool:
-        return self.advantage in ("opd", "mix")
+        return self.advantage in METHODS_NEEDING_TEACHER
 
     @torch.no_grad()
     def batch(self, model, step: int) -> TokenBatch:
@@ -173,7 +173,7 @@ class PolicyGradientMethod:
         if self.uses_teacher:
             prompts = [self.examples[i].prompt for i in rows]
             batch.extra["teacher_logp_BT"] = self.teacher(prompts, rollouts.prompt_ids, rollouts.completion_ids, batch)
-        if self.advantage in ("rlvr", "mix"):
+        if self.advantage in METHODS_USING_REWARD:
             batch.extra["seq_advantage_B"] = grpo_advantages(rewards_B, s.group_size)
         if self.token_mask:
             batch.target_mask_BT = self._select_tokens(model, batch, step)
