@@ -30,8 +30,8 @@ test-main: lint  ## lint, then unit, training, distributed, workflow and Slurm t
 $(VLLM_VENV)/.installed: pyproject.toml scripts/vllm_env.sh
 	PYTHON=$(PYTHON) scripts/vllm_env.sh $(VLLM_VENV)
 
-test-vllm: $(VLLM_VENV)/.installed  ## the vLLM engine against transformers, and OPD with vLLM rollouts
-	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py
+test-vllm: $(VLLM_VENV)/.installed  ## the vLLM engine against transformers; OPD with vLLM rollouts, 2-rank colocated engines
+	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py tests/test_vllm_colocate.py
 
 smoke: $(BIN)/.installed  ## the smoke study only (~2 minutes)
 	snakemake --profile profiles/local --configfile config/smoke.yaml all

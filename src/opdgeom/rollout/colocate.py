@@ -99,6 +99,10 @@ class ColocatedRollout:
         ``prepare`` first."""
         return self.engine.sample(prompt_ids, max_new_tokens, temperature, seed)
 
+    def close(self) -> None:
+        """Shut the engine down (it leaves torch.distributed torn down): after the job's last collective."""
+        self.engine.close()
+
     def release(self) -> None:
         """Sleep for the update: drop the weights too when the next rollout re-syncs them anyway."""
         self.engine.sleep(level=2 if self.version and self.version[0] == "step" else 1)

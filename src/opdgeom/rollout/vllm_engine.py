@@ -197,6 +197,15 @@ class VLLMEngine(SamplingEngine):
         self.last_sync_s = time.perf_counter() - t0
         self.syncs += 1
 
+    def close(self) -> None:
+        """Shut the engine down now. vLLM's own shutdown (otherwise at interpreter exit) tears down its
+        process groups and, under external_launcher, torch's default group: a colocated job calls this
+        after its last collective, instead of destroying the group itself first (after which vLLM's
+        exit-time shutdown fails with "Invalid process group specified")."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def _generate(self, token_rows: list[list[int]], params):
         prompts = [TokensPrompt(prompt_token_ids=list(row)) for row in token_rows]
         return self.llm.generate(prompts, params, use_tqdm=False)
