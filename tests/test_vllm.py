@@ -241,3 +241,68 @@ def test_training_loop_runs_opd_with_the_vllm_engine(world, tmp_path):
     final = load_file(tmp_path / "run" / "step_000004" / "model.safetensors")
     start = load_file(world.root / "student" / "model.safetensors")
     assert any(not torch.equal(final[k], start[k].to(final[k].dtype)) for k in final)
+
+
+@pytest.fixture(scope="module")
+def schedule_engine(world):
+    return VLLMEngine(world.root / "student", kv_cache_bytes=KV_BYTES)
+
+
+def test_engine_follows_the_behaviour_policy(world, schedule_engine):
+    """The colocated engine takes new weights exactly when the behaviour's change: never for the frozen
+    anchor (it was built from it), at steps 0, lag, 2 lag for a lagged copy, every step on-policy; and
+    after each sync it scores like the model it synced from."""
+    from opdgeom.rollout.colocate import ColocatedRollout, behaviour_version, model_logprobs
+    from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
+
+    check = world.long_prompts[0]
+    policy = copy.deepcopy(world.student)
+    generator = torch.Generator().manual_seed(1)
+
+    def update():  # a stand-in for an optimizer step
+        with torch.no_grad():
+            for param in policy.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02 * param.std())
+
+    def engine_logp():
+        return schedule_engine.score([check[:1]], [check[1:]])[0]
+
+    anchor = ColocatedRollout(schedule_engine)
+    frozen = FrozenPolicy(copy.deepcopy(world.student))
+    for step in range(3):
+        update()
+        assert not anchor.prepare(frozen.sampler(policy, step), behaviour_version(frozen, step))
+    assert_same([engine_logp()], [model_logprobs(world.student, check)])  # still the anchor
+
+    rollout, lagged = ColocatedRollout(schedule_engine), LaggedPolicy(copy.deepcopy(world.student), lag=2)
+    synced = []
+    for step in range(5):
+        sampler = lagged.sampler(policy, step)
+        synced.append(rollout.prepare(sampler, behaviour_version(lagged, step)))
+        assert_same([engine_logp()], [model_logprobs(sampler, check)])
+        update()
+    assert synced == [True, False, True, False, True]
+
+    on_policy = OnPolicy()
+    synced = [rollout.prepare(policy, behaviour_version(on_policy, step)) for step in range(2)]
+    assert synced == [True, True]
+    assert_same([engine_logp()], [model_logprobs(policy, check)])
+
+
+def test_engine_teacher_matches_the_transformers_teacher(world, student_engine, teacher_engine):
+    """OPD's teacher log-probs from an engine equal the transformers teacher's at every completion position
+    (the only positions OPD reads), so the advantage A_t = -(log pi_s - log pi_t) is the same."""
+    from opdgeom.rollout.colocate import engine_teacher
+    from opdgeom.train.batches import TokenBatch
+    from opdgeom.train.methods import score
+
+    rollouts = student_engine.sample(world.prompts, MAX_NEW, temperature=1.0, seed=4)
+    packed = pack(rollouts.prompt_ids, rollouts.completion_ids, pad_id=world.tokenizer.pad_token_id)
+    mask_BT = packed["target_mask"]
+    batch = TokenBatch(packed["input_ids"], packed["attention_mask"], mask_BT, torch.tensor(1.0))
+    batch.extra = {"completion_mask_BT": mask_BT}
+    ours_BT = engine_teacher(teacher_engine)(batch)
+    reference_BT = score(world.teacher, batch, None)
+    gap = ((ours_BT - reference_BT).abs() * mask_BT).max().item()
+    assert gap < LOGP_TOL, f"engine teacher differs by {gap:.2e}"
+    assert (ours_BT[mask_BT == 0] == 0).all()

@@ -175,3 +175,19 @@ def _rank_pids(launcher: int) -> list[int]:
             return [found[0], found[1]]
         time.sleep(0.1)
     raise AssertionError("no rank processes found under the launcher")
+
+
+def test_greedy_completions_for_evaluation_agree_across_engines(models):
+    """Evaluation's greedy decoding on vLLM gives transformers' completions (fp32 engine on CPU). In a
+    process of its own: the function shuts its engine down, which tears down vLLM's process state."""
+    code = (
+        "import json, sys; from opdgeom.models import load_tokenizer; from opdgeom.tasks import MathTask, split;"
+        "from opdgeom.tokens import encode_prompt; from opdgeom.rollout.greedy import greedy_completions as g;"
+        f"d = {str(models / 'student')!r}; tok = load_tokenizer(d);"
+        "prompts = [encode_prompt(tok, e.prompt) for e in split(MathTask(), 16, 8, seed=3)[1]];"
+        "print(json.dumps([g(d, prompts, 24, engine=e) for e in ('hf', 'vllm')]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf, vllm = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert hf == vllm and len(hf) == 8
