@@ -18,6 +18,7 @@ from opdgeom.models import build_model, save_model
 from opdgeom.tokenizer import build_char_tokenizer
 
 from conftest import REPO, TINY
+from fakehub import serve
 
 COMMIT_A = "a" * 39 + "1"
 COMMIT_B = "b" * 39 + "2"
@@ -164,3 +165,46 @@ def test_memory_plan_reads_an_unlisted_models_shape_from_the_cache(hf_home):
         str(TINY["head_dim"]),
         "100",
     ]
+
+
+def online_env(home: Path, server) -> dict:
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    return {
+        **os.environ,
+        "HF_HOME": str(home),
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+    }
+
+
+def test_online_the_rule_downloads_into_the_cache_and_a_rerun_reuses_it_offline(hf_home, tmp_path):
+    server = serve({"org/online": (COMMIT_A, hf_home.parent / "src" / "student")})
+    try:
+        spec = json.dumps({"source": "hub", "repo": "org/online", "revision": "main"})
+        cmd = [sys.executable, "-m", "opdgeom", "model", "--spec", spec, "--out"]
+        home = tmp_path / "home"
+        proc = subprocess.run([*cmd, str(tmp_path / "a")], capture_output=True, text=True, env=online_env(home, server))
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        server.shutdown()
+    snapshot = home / "hub/models--org--online/snapshots" / COMMIT_A
+    assert (home / "hub/models--org--online/refs/main").read_text() == COMMIT_A  # into the cache itself
+    assert (tmp_path / "a/model.safetensors").stat().st_ino == (snapshot / "model.safetensors").resolve().stat().st_ino
+    # The server is gone: a second family (another model folder) finds everything in the cache.
+    again = subprocess.run([*cmd, str(tmp_path / "b")], capture_output=True, text=True, env=offline_env(home))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "b/.revision").read_text().strip() == COMMIT_A
+
+
+def test_an_interrupted_download_leaves_no_model_folder(hf_home, tmp_path):
+    server = serve({"org/flaky": (COMMIT_A, hf_home.parent / "src" / "student")}, broken={"model.safetensors"})
+    try:
+        spec = json.dumps({"source": "hub", "repo": "org/flaky", "revision": "main"})
+        cmd = [sys.executable, "-m", "opdgeom", "model", "--spec", spec, "--out", str(tmp_path / "m")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=online_env(tmp_path / "home", server))
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1
+    assert "could not download org/flaky@main" in proc.stderr
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp-*"))
