@@ -306,3 +306,27 @@ def test_engine_teacher_matches_the_transformers_teacher(world, student_engine, 
     gap = ((ours_BT - reference_BT).abs() * mask_BT).max().item()
     assert gap < LOGP_TOL, f"engine teacher differs by {gap:.2e}"
     assert (ours_BT[mask_BT == 0] == 0).all()
+
+
+def test_a_vllm_build_for_another_torch_fails_before_any_engine(monkeypatch):
+    from opdgeom.rollout.colocate import check_vllm_build
+
+    assert "torch" in check_vllm_build()  # this environment's pair matches
+    monkeypatch.setattr(torch, "__version__", "2.12.1+cu128")
+    with pytest.raises(RuntimeError, match=r"was built for torch 2\.13\.0.*has torch 2\.12\.1.*pip install"):
+        check_vllm_build()
+
+
+def test_an_engine_that_cannot_fit_beside_the_trainer_fails_before_the_first_step(world):
+    """make_engine sizes the engine's KV cache from the rollout (batch_size x group_size / W sequences)
+    and refuses, naming what to cut, when it and the trainer's sharded state exceed the memory here."""
+    from opdgeom.spec import TrainSettings
+    from opdgeom.train.distributed import SINGLE
+    from opdgeom.train.run import make_engine
+
+    settings = TrainSettings(
+        steps=1, batch_size=1 << 20, lr=1e-3, weight_decay=0.0, warmup_steps=1, grad_clip=1.0, checkpoint_every=1,
+        max_new_tokens=64, temperature=1.0, group_size=64, rollout_engine="vllm",
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"does not fit: .* KV cache .*max_new_tokens.*rollout_engine: hf"):
+        make_engine(settings, world.root / "student", SINGLE)
