@@ -43,7 +43,9 @@ SETTINGS = {
     "checkpoint_every": 3, "max_new_tokens": 16, "temperature": 0.0, "group_size": 2,
 }  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPDGEOM_CHECK_ENGINE_SYNC": "1"}
-CHECK = re.compile(r"engine sync check: rank=(\d) version=(.*?) tokens=\d+ max_abs_logp_diff=(\S+) sync_s=(\S+)")
+CHECK = re.compile(
+    r"engine sync check: rank=(\d) version=(.*?) tokens=\d+ max_abs_logp_diff=([0-9.e+-]+) sync_s=([0-9.]+)"
+)
 STEP = re.compile(r"^step (\d+)/\d+ (.*?) grad_norm", re.M)
 
 

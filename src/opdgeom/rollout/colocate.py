@@ -86,12 +86,12 @@ class ColocatedRollout:
         engine_logp = self.engine.score([ids[:1]], [ids[1:]])[0]
         trainer_logp = model_logprobs(model, ids)
         gap = max(abs(a - b) for a, b in zip(engine_logp, trainer_logp))
-        print(
+        line = (
             f"engine sync check: rank={self.rank} version={version} tokens={len(trainer_logp)} "
-            f"max_abs_logp_diff={gap:.3e} sync_s={self.engine.last_sync_s:.4f}",
-            file=sys.stderr,
-            flush=True,
+            f"max_abs_logp_diff={gap:.3e} sync_s={self.engine.last_sync_s:.4f}\n"
         )
+        sys.stderr.write(line)  # one write: the ranks share the launcher's stderr, lines must not interleave
+        sys.stderr.flush()
         return gap
 
     def sample(self, prompt_ids, max_new_tokens, temperature, seed):
@@ -204,32 +204,34 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 def engine_memory(config, dtype_bytes: int, sequences: int, seq_tokens: int, max_model_len: int) -> tuple[int, int]:
     """(weights, KV cache) bytes of one TP-1 engine for ``sequences`` concurrent rollouts of up to
     ``seq_tokens`` tokens (at least one whole ``max_model_len`` sequence: vLLM refuses less)."""
-    params = _param_count(config)
     kv = max(sequences * seq_tokens, max_model_len) * kv_bytes_per_token(config, dtype_bytes)
-    return params * dtype_bytes, kv
+    return param_count(config) * dtype_bytes, kv
 
 
-def _param_count(config) -> int:
+def param_count(config) -> int:
+    """Parameters of the model ``config`` describes (built on the meta device: no memory)."""
+    import transformers
+
     with torch.device("meta"):
-        import transformers
-
         model = transformers.AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 
 def check_fits(
-    config, world_size: int, device: torch.device, weights_bytes: int, kv_bytes: int, trainer_bytes_per_param=16
-) -> str:
+    trainer_params: int, world_size: int, device: torch.device, weights_bytes: int, kv_bytes: int,
+    trainer_bytes_per_param: int = 16,
+) -> str:  # fmt: skip
     """Fail before the first step when an engine cannot live beside the trainer on this device.
 
     During rollouts the trainer keeps its sharded fp32 weights, gradients and AdamW moments
-    (``trainer_bytes_per_param`` x params / W) resident; the engine adds its weights and KV cache
-    (its sleep gives them back for the update, where the trainer's own plan applies: memory_plan).
+    (``trainer_bytes_per_param`` x ``trainer_params`` / W) resident; the engine adds its weights and
+    KV cache (its sleep gives them back for the update, where the trainer's own plan applies:
+    ``opdgeom memory-plan`` has the whole per-phase budget, teacher and frozen copies included).
     """
-    trainer = _param_count(config) * trainer_bytes_per_param // world_size
+    trainer = trainer_params * trainer_bytes_per_param // world_size
     need = trainer + weights_bytes + kv_bytes
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
+        _, total = torch.cuda.mem_get_info(device)
         room, where = int(total * 0.9), f"{device} ({total / 2**30:.0f} GiB, 90% usable)"
     else:
         import psutil

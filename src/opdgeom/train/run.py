@@ -87,16 +87,18 @@ def make_engine(settings: TrainSettings, init: Path, world: World):
     return _colocated_engine(settings, init, world)
 
 
-def engine_settings(settings: TrainSettings, init: Path, world: World) -> dict:
-    """How the engine is built on this device: dtype, context length, KV cache bytes, and the memory
-    check's verdict. bf16 on GPUs (the trainer's compute dtype); fp32 on CPU, where vLLM's bf16 kernels
-    differ from the trainer's fp32 by up to 0.15 per token and the equality checks need fp32."""
+def engine_settings(settings: TrainSettings, model_dir: Path, world: World, trainer_dir: Path | None = None) -> dict:
+    """How an engine over ``model_dir`` is built on this device: dtype, context length, KV cache bytes,
+    and the memory check's verdict against the trainer (whose model is ``trainer_dir``, by default the
+    same). bf16 on GPUs (the trainer's compute dtype); fp32 on CPU, where vLLM's bf16 kernels differ
+    from the trainer's fp32 by up to 0.15 per token and the equality checks need fp32."""
     import transformers
 
-    from opdgeom.rollout.colocate import check_fits, engine_memory
+    from opdgeom.rollout.colocate import check_fits, engine_memory, param_count
     from opdgeom.train.memory_plan import DEFAULT_PROMPT_TOKENS
 
-    config = transformers.AutoConfig.from_pretrained(init)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    trainer_config = config if trainer_dir is None else transformers.AutoConfig.from_pretrained(trainer_dir)
     # Room for a prompt of up to 2048 tokens plus the rollout, within what the model supports.
     max_model_len = min(config.max_position_embeddings, settings.max_new_tokens + 2048)
     on_gpu = world.device.type == "cuda"
@@ -105,7 +107,7 @@ def engine_settings(settings: TrainSettings, init: Path, world: World) -> dict:
     weights, kv = engine_memory(
         config, dtype_bytes, sequences, DEFAULT_PROMPT_TOKENS + settings.max_new_tokens, max_model_len
     )
-    verdict = check_fits(config, world.size, world.device, weights, kv)
+    verdict = check_fits(param_count(trainer_config), world.size, world.device, weights, kv)
     kwargs = {"dtype": "bfloat16" if on_gpu else "float32", "max_model_len": max_model_len, "kv_cache_bytes": kv}
     if on_gpu:
         import torch
@@ -126,6 +128,23 @@ def _colocated_engine(settings: TrainSettings, init: Path, world: World):
     log(f"rollout engine: vLLM ({build}), {world.size} colocated engine(s), {plan['verdict']}")
     engine = VLLMEngine(init, colocated=world.size > 1, seed=world.rank, **plan["kwargs"])
     return ColocatedRollout(engine, rank=world.rank)
+
+
+def make_teacher_engine(settings: TrainSettings, teacher: Path, init: Path, world: World):
+    """The teacher on a colocated vLLM engine per rank (TP 1), as PolicyGradientMethod's ``teacher``
+    callable: prompt log-probs of the completion tokens (``colocate.engine_teacher``), the same
+    quantity the transformers teacher gives at the positions OPD reads. Worth it where the teacher
+    fits one GPU beside the trainer (the pilot's 4B teacher: 8 GB bf16); a 32B teacher needs tensor
+    parallelism over the node, which this does not do yet."""
+    from opdgeom.rollout.colocate import check_vllm_build, engine_teacher
+
+    build = check_vllm_build()
+    from opdgeom.rollout.vllm_engine import VLLMEngine
+
+    plan = engine_settings(settings, teacher, world, trainer_dir=init)
+    log(f"teacher engine: vLLM ({build}), {plan['verdict']}")
+    engine = VLLMEngine(teacher, colocated=world.size > 1, seed=world.rank, **plan["kwargs"])
+    return engine_teacher(engine)
 
 
 def make_method(run: RunSpec, tokenizer, examples, init: Path, teacher_path, seed: int, world: World = SINGLE):
