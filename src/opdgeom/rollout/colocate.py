@@ -27,6 +27,16 @@ CHECK_ENV = "OPDGEOM_CHECK_ENGINE_SYNC"
 FROZEN = ("frozen",)
 
 
+def close_engines() -> None:
+    """Shut down every vLLM engine this process started (none: nothing happens, vLLM is not imported).
+
+    Call it after the job's last collective and before ``teardown``: vLLM's shutdown destroys its own
+    process groups and torch's default one (teardown then finds nothing left to destroy)."""
+    module = sys.modules.get("opdgeom.rollout.vllm_engine")
+    if module is not None:
+        module.close_all()
+
+
 def behaviour_version(behaviour, step: int) -> tuple:
     """What the sampler's weights are, as a key that changes exactly when they do.
 

@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,14 @@ from vllm.inputs import TokensPrompt
 
 from opdgeom.rollout.base import Rollouts, SamplingEngine
 from opdgeom.rollout.weights import DEFAULT_BUCKET_BYTES, iter_weights
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # engines not yet closed, for close_all
+
+
+def close_all() -> None:
+    """Close every engine of this process (see VLLMEngine.close): before torch.distributed's teardown."""
+    for engine in list(_LIVE):
+        engine.close()
 
 
 def _log(msg: str) -> None:
@@ -101,6 +110,7 @@ class VLLMEngine(SamplingEngine):
         self.asleep_level: int | None = None  # None: awake
         self.last_sync_s = 0.0
         self.syncs = 0
+        _LIVE.add(self)
 
     def sleep(self, level: int = 1) -> None:
         """Release the engine's memory for the update: level 1 offloads weights to host RAM and drops
@@ -200,11 +210,19 @@ class VLLMEngine(SamplingEngine):
     def close(self) -> None:
         """Shut the engine down now. vLLM's own shutdown (otherwise at interpreter exit) tears down its
         process groups and, under external_launcher, torch's default group: a colocated job calls this
-        after its last collective, instead of destroying the group itself first (after which vLLM's
-        exit-time shutdown fails with "Invalid process group specified")."""
+        (or ``close_all``) after its last collective, instead of destroying the group itself first
+        (after which vLLM's exit-time shutdown fails with "Invalid process group specified"). The
+        second engine of a process (a teacher engine beside the policy's) finds the groups gone: that
+        part of its shutdown is skipped."""
+        _LIVE.discard(self)
         core = getattr(self.llm.llm_engine, "engine_core", None)
-        if core is not None:
+        if core is None:
+            return
+        try:
             core.shutdown()
+        except (ValueError, AssertionError) as err:  # the shared process groups went with another engine
+            if "process group" not in str(err).lower() and "not initialized" not in str(err).lower():
+                raise
 
     def _generate(self, token_rows: list[list[int]], params):
         prompts = [TokensPrompt(prompt_token_ids=list(row)) for row in token_rows]
