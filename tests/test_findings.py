@@ -1,6 +1,7 @@
 """The findings page, built from small fixed tables."""
 
 import polars as pl
+import pytest
 
 from opdgeom.figures import FIGURES
 
@@ -98,3 +99,29 @@ def test_findings_page_from_fixed_tables(tmp_path):
     assert f"| {10 / 300**0.5:.4f} |" in up
     # relative update at the last step: sqrt(2 * 0.1^2) / sqrt(2 * 10^2) = 0.01
     assert "| opd | 10 | 0.0100" in text
+
+
+def test_budget_figure_pools_seeds_per_method_and_budget(tmp_path):
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "trajectory").mkdir()
+    paths, budgets, methods = [], {}, {}
+    for method in ("sft", "opd"):
+        for b, lr_steps in enumerate((1e-4, 1e-2)):
+            for seed, sparsity in enumerate((0.9 - 0.4 * b, 0.8 - 0.4 * b)):
+                run = f"{method}.b{b}.s{seed}"
+                budgets[run], methods[run] = lr_steps, method
+                compare = _geom(run, {"bf16_sparsity": sparsity, "update_frobenius_norm": 0.2,
+                                      "relative_update_norm": 0.01, "principal_angle_right_max": 1.0 + b})  # fmt: skip
+                paths.append(tmp_path / "compare" / f"{run}.parquet")
+                compare.write_parquet(paths[-1])
+                paths.append(tmp_path / "trajectory" / f"{run}.parquet")
+                _geom(run, {"stable_rank": 3.0 + seed}, step=10).write_parquet(paths[-1])
+    data = FIGURES["budget"](paths, tmp_path / "budget", methods=methods, budgets=budgets)
+    assert (tmp_path / "budget.png").stat().st_size > 0
+    row = data.filter(pl.col("group") == "opd.b1", pl.col("metric") == "bf16_sparsity")
+    assert row["mean"][0] == 0.45 and row["n_seeds"][0] == 2 and row["lo"][0] < 0.45 < row["hi"][0]
+    # budget = lr x steps / median rms(W0); ||W0||_F = 0.2 / 0.01 = 20 for matrices of 300 and 100 weights
+    rms = sorted([20 / 300**0.5, 20 / 100**0.5])
+    assert row["budget"][0] == pytest.approx(1e-2 / ((rms[0] + rms[1]) / 2))
+    sr = data.filter(pl.col("group") == "sft.b0", pl.col("metric") == "stable_rank")
+    assert sr["mean"][0] == 3.5
