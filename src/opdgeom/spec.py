@@ -60,6 +60,7 @@ class TrainSettings:
     group_size: int  # samples per prompt (GRPO's G)
     rho_clip: float | None = None  # bound rho to [1/c, c]
     rollout_engine: str = "hf"  # hf: transformers generate; vllm: a vLLM engine
+    teacher_engine: str = "hf"  # who scores for OPD: hf (the sharded teacher) or vllm (an engine per rank)
     # Rows of one forward/backward pass are packed up to this many tokens (gradient accumulation
     # over the rest of the batch); None: the whole local batch in one pass.
     micro_batch_tokens: int | None = None

@@ -50,6 +50,12 @@ def run_inputs(wildcards):
     return inputs
 
 
+def train_env(wildcards):
+    """vLLM rollouts need the vLLM environment (its own transformers pin); other runs the training one."""
+    vllm = STUDY.runs[wildcards.run].train.rollout_engine == "vllm"
+    return str(Path(workflow.basedir) / "envs" / ("vllm-gpu.yaml" if vllm else "train.yaml"))
+
+
 def run_flags(wildcards):
     """Paths the train command needs beyond its inputs (a run's final checkpoint is inside its folder)."""
     spec = STUDY.runs[wildcards.run]

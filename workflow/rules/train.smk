@@ -12,7 +12,7 @@ rule train:
     benchmark:
         f"{RES}/benchmarks/train/{{run}}.tsv"
     conda:
-        "../../envs/train.yaml"
+        train_env
     resources:
         **TRAIN_RESOURCES,
     params:

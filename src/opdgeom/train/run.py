@@ -12,6 +12,7 @@ import torch
 
 from opdgeom.manifest import write_manifest
 from opdgeom.models import build_model, load_tokenizer, save_model
+from opdgeom.rollout.colocate import close_engines
 from opdgeom.spec import RunSpec, TrainSettings
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
@@ -152,7 +153,18 @@ def make_method(run: RunSpec, tokenizer, examples, init: Path, teacher_path, see
     if run.method == "sft":
         return SFTMethod(tokenizer, examples, run.train.batch_size, seed, world)
     teacher = None
-    if teacher_path:
+    if teacher_path and run.train.teacher_engine == "vllm":
+        if run.teacher_prompt_format != "raw":
+            raise ValueError(
+                f"run {run.name!r}: teacher_engine vllm scores the student's rows as they are; "
+                f"the teacher's prompt_format must be raw, not {run.teacher_prompt_format!r}"
+            )
+        on_engine = make_teacher_engine(run.train, Path(teacher_path), init, world)
+
+        def teacher(prompts, prompt_ids, completion_ids, batch):  # the rows are already the teacher's
+            return on_engine(batch)
+
+    elif teacher_path:
         teacher_model = load_frozen(teacher_path, run.train, world)
         teacher = TeacherScorer(
             teacher_model, tokenizer, teacher_path, run.teacher_prompt_format, run.train.micro_batch_tokens
@@ -217,6 +229,7 @@ def train_run(
         energy = projection.energy_outside()  # a collective under torchrun: before teardown, on every rank
         log(f"update energy outside the rank-{run.projection.rank} subspace: {energy['total']:.3e}")
         extra["projection"] = {**dataclasses.asdict(run.projection), "energy_outside": energy}
+    close_engines()  # vLLM's shutdown takes its groups and torch's default one: after the last collective
     teardown(world)
     if not world.is_main:
         return out_dir / "manifest.json"
