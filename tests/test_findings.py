@@ -99,6 +99,7 @@ def test_findings_page_from_fixed_tables(tmp_path):
     assert f"| {10 / 300**0.5:.4f} |" in up
     # relative update at the last step: sqrt(2 * 0.1^2) / sqrt(2 * 10^2) = 0.01
     assert "| opd | 10 | 0.0100" in text
+    assert "||" not in text  # every table row keeps its columns
 
 
 def test_budget_figure_pools_seeds_per_method_and_budget(tmp_path):

@@ -44,7 +44,7 @@ FIGURE_QUANTITIES = {
                                      "compare", "mask_overlap_low_magnitude", "weighted"),
     "fig4a": ("stable rank of the final cumulative update (median over matrices)", "trajectory", "stable_rank",
               "median"),
-    "fig4b": ("size of the final cumulative update sqrt(sum ||dW||_F^2)", "trajectory", "frobenius_norm", "rss"),
+    "fig4b": ("size of the final cumulative update sqrt(sum ‖dW‖_F^2)", "trajectory", "frobenius_norm", "rss"),
     "fig4c": ("tail index of the final cumulative update (median over matrices)", "trajectory", "tail_index",
               "median"),
     "fig5": ("subspace similarity Sim_K(t, T) at the middle checkpoint (median over matrices)", "trajectory",
@@ -242,13 +242,13 @@ def findings(
     per_step = traj.group_by("run", "step").agg(
         rel=(pl.col("value") ** 2).sum().sqrt() / (pl.col("w0_norm") ** 2).sum().sqrt()
     )
-    lines += ["Measured ||dW_t||_F / ||W0||_F over all layer matrices together, per checkpoint:", ""]
+    lines += ["Measured ‖dW_t‖_F / ‖W0‖_F over all layer matrices together, per checkpoint:", ""]
     rel_rows = []
     for group, runs in groups.items():
         rows = per_step.filter(pl.col("run").is_in(runs))
         for step in sorted(rows["step"].unique().to_list()):
             rel_rows.append([group, str(step), _fmt(seed_interval(rows.filter(pl.col("step") == step)["rel"]), 4)])
-    lines += _table(["run entry", "step", "||dW||_F / ||W0||_F"], rel_rows)
+    lines += _table(["run entry", "step", "‖dW‖_F / ‖W0‖_F"], rel_rows)
 
     # ---- per figure
     lines += [f"## Per figure (final checkpoint vs init; k = {k}, alpha = {alpha})", ""]
