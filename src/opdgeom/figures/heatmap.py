@@ -9,7 +9,7 @@ import matplotlib
 import numpy as np
 import polars as pl
 from matplotlib.colors import LogNorm, Normalize
-from matplotlib.ticker import LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from opdgeom.figures.style import new_grid, run_styles, save
 from opdgeom.figures.tables import (
@@ -143,6 +143,7 @@ def heatmap_figure(
             )
             ax.set_title(run, color=styles[run].color, fontsize=7)
             ax.set_xticks(range(len(modules)), labels, rotation=90, fontsize=6)
+            ax.set_yticks(layers)  # one tick per layer, integers only
             ax.tick_params(axis="y", labelsize=6)
             if i % ncols == 0:
                 ax.set_ylabel("layer")
@@ -153,8 +154,11 @@ def heatmap_figure(
             bar = fig.colorbar(image, ax=block_axes.ravel().tolist(), shrink=0.95, pad=0.01, aspect=12)
             bar.set_label(label, fontsize=6)
             bar.ax.tick_params(labelsize=6)
-            if log:  # at most 4 decades labelled, no minor labels: ticks never overlap on a short bar
-                bar.ax.yaxis.set_major_locator(LogLocator(numticks=4))
+            if log:  # few labelled ticks, plain numbers, no minor labels: nothing overlaps on a short bar
+                decades = math.log10(norm.vmax / norm.vmin)
+                subs = (1.0, 2.0, 5.0) if decades < 1.5 else (1.0,)
+                bar.ax.yaxis.set_major_locator(LogLocator(subs=subs, numticks=5 if decades >= 1.5 else 12))
+                bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 bar.ax.yaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(
         "Where each run writes: per-layer, per-module update density and spectral shift (final vs. initial weights)",
