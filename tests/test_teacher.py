@@ -100,3 +100,19 @@ def test_a_teacher_with_another_vocabulary_is_refused_by_name(pair, tmp_path):
     save_model(build_model(TINY, char, seed=0), char, other)
     with pytest.raises(ValueError, match=f"{other}: the teacher's tokenizer differs from the student's"):
         TeacherScorer(teacher, student_tok, other, "chat", max_tokens=None)
+
+
+def test_evaluations_reverse_kl_reads_a_chat_teacher_like_training_does(pair):
+    """The held-out reverse KL (evaluate) and OPD's teacher scores (training) agree token for token."""
+    from opdgeom.evaluate import PromptFormat, completion_logprobs
+
+    student_tok, teacher, teacher_dir = pair
+    prompts, answers = ["2+3=?", "Add 10 and 7."], ["5", "The sum is 17."]
+    prompt_ids, completion_ids, batch = student_batch(student_tok, prompts, answers)
+    scorer = TeacherScorer(teacher, student_tok, teacher_dir, "chat", max_tokens=None)
+    trained_BT = scorer(prompts, prompt_ids, completion_ids, batch)
+    fmt = PromptFormat(scorer.tokenizer, chat=True)
+    rows = ([fmt.prompt(p) for p in prompts], [fmt.completion(c, student_tok.eos_token_id) for c in completion_ids])
+    evaluated = completion_logprobs(teacher, *rows, pad_id=student_tok.pad_token_id, batch_size=8)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        torch.testing.assert_close(evaluated[i], trained_BT[i, len(p) - 1 : len(p) - 1 + len(c)], rtol=1e-6, atol=1e-6)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -24,9 +25,37 @@ from opdgeom.models import load_model, load_tokenizer
 from opdgeom.rollout import HFEngine
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
-from opdgeom.tokens import encode_completion, encode_prompt, pack
+from opdgeom.tokens import chat_prompt, encode_completion, encode_prompt, pack
 
 KL_SEED = 1234  # the held-out completions of the reverse-KL metric are drawn with this seed
+
+
+def eval_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (what hub checkpoints are and vLLM serves), fp32 on CPU (the tiny study's numbers)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class PromptFormat:
+    """How a model reads a task prompt: raw text after BOS (base models, the tiny study) or its chat
+    template with thinking off (an instruct teacher, ``prompt_format: chat`` in the family preset)."""
+
+    tokenizer: object
+    chat: bool = False
+
+    def prompt(self, text: str) -> list[int]:
+        return chat_prompt(self.tokenizer, text) if self.chat else encode_prompt(self.tokenizer, text)
+
+    def completion(self, ids: list[int], student_eos: int) -> list[int]:
+        """The student's completion as this model reads it: a final student EOS becomes its own."""
+        own = self.tokenizer.eos_token_id
+        return ids[:-1] + [own] if ids and ids[-1] == student_eos else list(ids)
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    format: PromptFormat
 
 
 @torch.no_grad()
@@ -43,21 +72,36 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     return out
 
 
-def reverse_kl_terms(student, teacher, prompts, completions, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Per-token log pi_student(y_t) - log pi_teacher(y_t) over every completion token, concatenated."""
+def reverse_kl_terms(
+    student, teacher, prompts, completions, pad_id: int, batch_size: int = 64, teacher_rows=None
+) -> torch.Tensor:
+    """Per-token log pi_student(y_t) - log pi_teacher(y_t) over every completion token, concatenated.
+
+    ``teacher_rows`` = (prompts, completions) as the teacher reads them (its own prompt format); the
+    completion tokens are the same, so the two per-row tensors line up token by token."""
     s = completion_logprobs(student, prompts, completions, pad_id, batch_size)
-    t = completion_logprobs(teacher, prompts, completions, pad_id, batch_size)
+    t_prompts, t_completions = teacher_rows or (prompts, completions)
+    t = completion_logprobs(teacher, t_prompts, t_completions, pad_id, batch_size)
     return torch.cat([a - b for a, b in zip(s, t)]) if s else torch.zeros(0)
 
 
 def checkpoint_metrics(
-    model_dir, examples, task, max_new_tokens: int, batch_size: int, teacher=None, temperature: float = 1.0
+    model_dir,
+    examples,
+    task,
+    max_new_tokens: int,
+    batch_size: int,
+    teacher: Teacher | None = None,
+    temperature: float = 1.0,
+    chat: bool = False,
 ) -> dict:
-    """Greedy accuracy (and per-prompt ``correct``), held-out NLL and, given a teacher, reverse KL."""
+    """Greedy accuracy (and per-prompt ``correct``), held-out NLL and, given a teacher, reverse KL.
+    ``chat``: the checkpoint is an instruct model prompted with its chat template (a hub teacher)."""
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, device=local_device()).eval()
+    device = local_device()
+    model = load_model(model_dir, dtype=eval_dtype(device), device=device).eval()
     engine = HFEngine(model, tokenizer, batch_size=batch_size)
-    prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
+    prompts = [PromptFormat(tokenizer, chat).prompt(e.prompt) for e in examples]
     rollouts = engine.sample(prompts, max_new_tokens, 0.0, seed=0)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     correct = [int(task.verify(text, e.answer)) for text, e in zip(texts, examples)]
@@ -72,7 +116,14 @@ def checkpoint_metrics(
     }
     if teacher is not None:
         sampled = engine.sample(prompts, max_new_tokens, temperature, seed=KL_SEED)
-        terms = reverse_kl_terms(model, teacher, prompts, sampled.completion_ids, tokenizer.pad_token_id, batch_size)
+        eos = tokenizer.eos_token_id
+        teacher_rows = (
+            [teacher.format.prompt(e.prompt) for e in examples],
+            [teacher.format.completion(c, eos) for c in sampled.completion_ids],
+        )
+        terms = reverse_kl_terms(
+            model, teacher.model, prompts, sampled.completion_ids, tokenizer.pad_token_id, batch_size, teacher_rows
+        )
         result["reverse_kl"] = terms.double().mean().item()
         sampled_texts = tokenizer.batch_decode(sampled.completion_ids, skip_special_tokens=True)
         result["sampled_reward"] = sum(task.verify(t, e.answer) for t, e in zip(sampled_texts, examples)) / len(
@@ -90,6 +141,8 @@ def evaluate_checkpoints(
     batch_size: int,
     teacher: str | Path | None = None,
     temperature: float = 1.0,
+    chat: bool = False,
+    teacher_chat: bool = False,
 ) -> pl.DataFrame:
     """One row per checkpoint: ref, step, tokens, domain, accuracy, n, mean_completion_tokens, nll,
     correct (list of 0/1 per held-out prompt) and, with ``teacher``, reverse_kl and sampled_reward."""
@@ -97,12 +150,14 @@ def evaluate_checkpoints(
     task = get_task(domain)
     teacher_model = None
     if teacher is not None:
-        teacher_model = load_model(teacher, device=local_device()).eval().requires_grad_(False)
+        device = local_device()
+        model = load_model(teacher, dtype=eval_dtype(device), device=device).eval().requires_grad_(False)
+        teacher_model = Teacher(model, PromptFormat(load_tokenizer(teacher), teacher_chat))
     rows = []
     for ckpt in checkpoints:
         t0 = time.perf_counter()
         result = checkpoint_metrics(
-            ckpt["path"], examples, task, max_new_tokens, batch_size, teacher_model, temperature
+            ckpt["path"], examples, task, max_new_tokens, batch_size, teacher_model, temperature, chat
         )
         rows.append({"ref": ref, "step": ckpt["step"], "tokens": ckpt.get("tokens", 0), "domain": domain, **result})
         kl = f" reverse KL {result['reverse_kl']:.4f}" if "reverse_kl" in result else ""

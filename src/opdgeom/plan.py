@@ -375,6 +375,10 @@ class Study:
         """The file that proves ``ref`` exists (what a rule depends on)."""
         return self.model_dir(ref) if ref in self.models else self.manifest(ref)
 
+    def prompt_format(self, ref: str) -> str:
+        """How a model of the family (or a run's checkpoint: always raw, a trained student) reads a prompt."""
+        return self.models[ref].get("prompt_format", "raw") if ref in self.models else "raw"
+
     def basis_file(self, run: str) -> Path:
         """The training subspace of a projected run: its reference run's update at ``at_fraction``."""
         p = self.runs[run].projection
