@@ -29,7 +29,7 @@ METRICS = {
         True,
     ),
     "stable_rank": ("trajectory", "stable_rank", "median", "stable rank of ΔW\n(median over matrices)", False),
-    "relative_update": ("compare", "relative_update_norm", "median", "‖ΔW‖_F / ‖W0‖_F\n(median)", True),
+    "relative_update": ("compare", "relative_update_norm", "median", "‖ΔW‖_F / ‖W0‖_F\n(median over matrices)", True),
 }
 
 
@@ -104,7 +104,7 @@ def budget_figure(
     )
     write_csv(data, out_prefix)
 
-    fig, axes = new_grid(1, len(metrics), height_in=2.6)
+    fig, axes = new_grid(1, len(metrics), height_in=2.8)
     order = list(dict.fromkeys(methods.values()))
     for ax, shown in zip(axes[0], metrics):
         *_, label, log_y = METRICS[shown]
@@ -121,13 +121,14 @@ def budget_figure(
         ax.set_xscale("log")
         if log_y and not data.filter(pl.col("metric") == shown, pl.col("mean") > 0).is_empty():
             ax.set_yscale("log")
-        ax.set_xlabel("budget lr × steps / rms(W0)")
+        ax.set_xlabel("lr × steps / rms(W0)", fontsize=7)
         ax.set_ylabel(label)
         ax.grid(True, lw=0.3, alpha=0.5)
     handles, labels = axes[0][0].get_legend_handles_labels()
     legend_below(fig, handles, labels)
     n = int(data["n_seeds"].max()) if not data.is_empty() else 0
-    fig.suptitle(f"Geometry of the final update against the update budget (mean over {n} seeds, 95% t interval)")
+    seeds = f"{n} seed" + ("s" if n != 1 else "")
+    fig.suptitle(f"Geometry of the final update against the update budget (mean over {seeds}, 95% t interval)")
     save(fig, out_prefix, dpi=dpi)
     return data
 
