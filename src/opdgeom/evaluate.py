@@ -23,6 +23,7 @@ from opdgeom.device import local_device
 from opdgeom.logprobs import token_logprobs
 from opdgeom.models import load_model, load_tokenizer
 from opdgeom.rollout import HFEngine
+from opdgeom.rollout.greedy import greedy_completions
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.tokens import chat_prompt, encode_completion, encode_prompt, pack
@@ -94,28 +95,32 @@ def checkpoint_metrics(
     teacher: Teacher | None = None,
     temperature: float = 1.0,
     chat: bool = False,
+    engine: str = "hf",
 ) -> dict:
     """Greedy accuracy (and per-prompt ``correct``), held-out NLL and, given a teacher, reverse KL.
-    ``chat``: the checkpoint is an instruct model prompted with its chat template (a hub teacher)."""
+    ``chat``: the checkpoint is an instruct model prompted with its chat template (a hub teacher).
+    ``engine="vllm"``: the greedy answers come from a vLLM engine (hub families); the teacher-forced
+    scores and the reverse-KL samples stay on transformers."""
     tokenizer = load_tokenizer(model_dir)
     device = local_device()
     model = load_model(model_dir, dtype=eval_dtype(device), device=device).eval()
-    engine = HFEngine(model, tokenizer, batch_size=batch_size)
+    sampler = HFEngine(model, tokenizer, batch_size=batch_size)
     prompts = [PromptFormat(tokenizer, chat).prompt(e.prompt) for e in examples]
-    rollouts = engine.sample(prompts, max_new_tokens, 0.0, seed=0)
-    texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    greedy = greedy_completions(model_dir, prompts, max_new_tokens, engine, batch_size) if engine == "vllm" else None
+    completion_ids = greedy or sampler.sample(prompts, max_new_tokens, 0.0, seed=0).completion_ids
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     correct = [int(task.verify(text, e.answer)) for text, e in zip(texts, examples)]
     demos = [encode_completion(tokenizer, e.completion) for e in examples]
     nll = torch.cat(completion_logprobs(model, prompts, demos, tokenizer.pad_token_id, batch_size))
     result = {
         "accuracy": sum(correct) / len(correct),
         "n": len(correct),
-        "mean_completion_tokens": sum(map(len, rollouts.completion_ids)) / len(correct),
+        "mean_completion_tokens": sum(map(len, completion_ids)) / len(correct),
         "nll": -nll.double().mean().item(),
         "correct": correct,
     }
     if teacher is not None:
-        sampled = engine.sample(prompts, max_new_tokens, temperature, seed=KL_SEED)
+        sampled = sampler.sample(prompts, max_new_tokens, temperature, seed=KL_SEED)
         eos = tokenizer.eos_token_id
         teacher_rows = (
             [teacher.format.prompt(e.prompt) for e in examples],
@@ -143,6 +148,7 @@ def evaluate_checkpoints(
     temperature: float = 1.0,
     chat: bool = False,
     teacher_chat: bool = False,
+    engine: str = "hf",
 ) -> pl.DataFrame:
     """One row per checkpoint: ref, step, tokens, domain, accuracy, n, mean_completion_tokens, nll,
     correct (list of 0/1 per held-out prompt) and, with ``teacher``, reverse_kl and sampled_reward."""
@@ -157,7 +163,7 @@ def evaluate_checkpoints(
     for ckpt in checkpoints:
         t0 = time.perf_counter()
         result = checkpoint_metrics(
-            ckpt["path"], examples, task, max_new_tokens, batch_size, teacher_model, temperature, chat
+            ckpt["path"], examples, task, max_new_tokens, batch_size, teacher_model, temperature, chat, engine
         )
         rows.append({"ref": ref, "step": ckpt["step"], "tokens": ckpt.get("tokens", 0), "domain": domain, **result})
         kl = f" reverse KL {result['reverse_kl']:.4f}" if "reverse_kl" in result else ""

@@ -56,6 +56,11 @@ def train_env(wildcards):
     return str(Path(workflow.basedir) / "envs" / ("vllm-gpu.yaml" if vllm else "train.yaml"))
 
 
+def eval_env(wildcards):
+    vllm = STUDY.evaluate.get("engine", "hf") == "vllm"
+    return str(Path(workflow.basedir) / "envs" / ("vllm-gpu.yaml" if vllm else "train.yaml"))
+
+
 def run_flags(wildcards):
     """Paths the train command needs beyond its inputs (a run's final checkpoint is inside its folder)."""
     spec = STUDY.runs[wildcards.run]
