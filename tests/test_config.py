@@ -30,9 +30,9 @@ def with_runs(*runs) -> dict:
 
 def test_default_config_plans_the_study():
     s = study(base_config())
-    assert "sft" in s.runs and "teacher.math" in s.runs
-    assert s.runs["teacher.math"].init == "teacher" and s.runs["sft"].init == "student"
-    assert s.runs["sft"].checkpoint_steps[-1] == s.runs["sft"].train.steps
+    assert "sft.s0" in s.runs and "teacher.math" in s.runs  # sft has seeds: sft.s0, sft.s1, sft.s2
+    assert s.runs["teacher.math"].init == "teacher" and s.runs["sft.s0"].init == "student"
+    assert s.runs["sft.s0"].checkpoint_steps[-1] == s.runs["sft.s0"].train.steps
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,13 @@ def test_figure_with_an_unknown_run_is_named():
 def test_figure_inputs_are_only_its_runs():
     s = study(base_config())
     inputs = [p.name for p in s.figure_inputs("fig7b")]
-    assert inputs == ["opd.parquet", "opd.offanchor.parquet", "opd.offlag.parquet"]
+    assert inputs == [
+        "opd.s0.parquet",
+        "opd.s1.parquet",
+        "opd.s2.parquet",
+        "opd.offanchor.parquet",
+        "opd.offlag.parquet",
+    ]
     assert s.figure_options("localization")["alpha"] == base_config()["diagnose"]["alpha"]
 
 
