@@ -7,13 +7,21 @@ is planned here. Paths are relative to the working directory, under ``<results_d
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opdgeom.config import ConfigError, deep_merge, load_family, validate
-from opdgeom.spec import METHODS_NEEDING_TEACHER, Behaviour, Projection, RunSpec, TokenMask, TrainSettings
+from opdgeom.spec import (
+    METHODS_NEEDING_TEACHER,
+    SEED_SUFFIX,
+    Behaviour,
+    Projection,
+    RunSpec,
+    TokenMask,
+    TrainSettings,
+    run_group,
+)
 from opdgeom.tasks import known_domains
 
 # Which table each figure is drawn from (opdgeom.figures.FIGURES has the functions; a test keeps
@@ -45,16 +53,10 @@ OPTION_CLASSES = {"token_mask": TokenMask, "behaviour": Behaviour, "projection":
 # A run entry with ``seeds: [0, 1, 2]`` becomes the runs "<name>.s0", "<name>.s1", "<name>.s2"; the
 # suffix is reserved for them. A seeded run starting from (or projecting on) another seeded entry uses
 # its replicate of the same seed, else the first one; an unseeded run uses the first replicate too.
-SEED_SUFFIX = re.compile(r"\.s\d+$")
 
 
 def seed_run_name(entry: str, seed: int) -> str:
     return f"{entry}.s{seed}"
-
-
-def run_group(run: str) -> str:
-    """The config entry a run comes from: "opd.s1" -> "opd"; an unseeded run is its own group."""
-    return SEED_SUFFIX.sub("", run)
 
 
 def _check_seeds(where: str, seeds) -> list[int]:

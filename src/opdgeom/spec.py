@@ -10,6 +10,7 @@ config/README.md.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,15 @@ METHODS = ("sft", "opd", "rlvr", "mix")
 POLICY_GRADIENT_METHODS = ("opd", "rlvr", "mix")
 METHODS_NEEDING_TEACHER = ("opd", "mix")  # their advantage has the teacher's reverse KL in it
 METHODS_USING_REWARD = ("rlvr", "mix")  # their advantage has GRPO's group-normalised reward in it
+
+
+# Runs expanded from a ``seeds:`` list are named "<entry>.s<seed>".
+SEED_SUFFIX = re.compile(r"\.s\d+$")
+
+
+def run_group(run: str) -> str:
+    """The config entry a run comes from: "opd.s1" -> "opd"; an unseeded run is its own group."""
+    return SEED_SUFFIX.sub("", run)
 
 
 class SpecError(ConfigError):

@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from opdgeom.io import write_text
+from opdgeom.spec import run_group
 
 GEOMETRY_COLUMNS = ("run", "tensor", "kind", "layer", "module", "metric", "parameters", "value")
 EVAL_COLUMNS = ("ref", "step", "accuracy")
@@ -149,8 +150,6 @@ def write_csv(table: pl.DataFrame, out_prefix: Path) -> Path:
 
 def seed_group(run: str) -> str:
     """The config entry a run is a seed replicate of ("opd.s1" -> "opd"); other runs are their own."""
-    from opdgeom.plan import run_group
-
     return run_group(run)
 
 
