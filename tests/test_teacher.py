@@ -104,7 +104,8 @@ def test_a_teacher_with_another_vocabulary_is_refused_by_name(pair, tmp_path):
 
 def test_evaluations_reverse_kl_reads_a_chat_teacher_like_training_does(pair):
     """The held-out reverse KL (evaluate) and OPD's teacher scores (training) agree token for token."""
-    from opdgeom.evaluate import PromptFormat, completion_logprobs
+    from opdgeom.evaluate import completion_logprobs
+    from opdgeom.tokens import PromptFormat
 
     student_tok, teacher, teacher_dir = pair
     prompts, answers = ["2+3=?", "Add 10 and 7."], ["5", "The sum is 17."]
@@ -116,3 +117,14 @@ def test_evaluations_reverse_kl_reads_a_chat_teacher_like_training_does(pair):
     evaluated = completion_logprobs(teacher, *rows, pad_id=student_tok.pad_token_id, batch_size=8)
     for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
         torch.testing.assert_close(evaluated[i], trained_BT[i, len(p) - 1 : len(p) - 1 + len(c)], rtol=1e-6, atol=1e-6)
+
+
+def test_a_raw_teacher_with_its_own_eos_reads_raw_prompts(pair):
+    """Raw format but another EOS: the teacher reads the student's raw prompt, never its chat template."""
+    student_tok, teacher, teacher_dir = pair
+    scorer = TeacherScorer(teacher, student_tok, teacher_dir, "raw", max_tokens=None)
+    assert not scorer.same_format
+    prompt_ids, completion_ids, _ = student_batch(student_tok, ["2+3=?"], ["5"])
+    teacher_prompts, completions = scorer.teacher_rows(["2+3=?"], completion_ids)
+    assert teacher_prompts == prompt_ids
+    assert completions[0][-1] == student_tok.convert_tokens_to_ids("<|im_end|>")

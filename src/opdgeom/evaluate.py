@@ -26,7 +26,7 @@ from opdgeom.rollout import HFEngine
 from opdgeom.rollout.greedy import greedy_completions
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
-from opdgeom.tokens import chat_prompt, encode_completion, encode_prompt, pack
+from opdgeom.tokens import PromptFormat, encode_completion, pack
 
 KL_SEED = 1234  # the held-out completions of the reverse-KL metric are drawn with this seed
 
@@ -34,23 +34,6 @@ KL_SEED = 1234  # the held-out completions of the reverse-KL metric are drawn wi
 def eval_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs (what hub checkpoints are and vLLM serves), fp32 on CPU (the tiny study's numbers)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-@dataclass
-class PromptFormat:
-    """How a model reads a task prompt: raw text after BOS (base models, the tiny study) or its chat
-    template with thinking off (an instruct teacher, ``prompt_format: chat`` in the family preset)."""
-
-    tokenizer: object
-    chat: bool = False
-
-    def prompt(self, text: str) -> list[int]:
-        return chat_prompt(self.tokenizer, text) if self.chat else encode_prompt(self.tokenizer, text)
-
-    def completion(self, ids: list[int], student_eos: int) -> list[int]:
-        """The student's completion as this model reads it: a final student EOS becomes its own."""
-        own = self.tokenizer.eos_token_id
-        return ids[:-1] + [own] if ids and ids[-1] == student_eos else list(ids)
 
 
 @dataclass

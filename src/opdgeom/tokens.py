@@ -3,6 +3,8 @@ generation, pack prompt+completion rows for scoring."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -53,3 +55,21 @@ def chat_prompt(tokenizer, text: str) -> list[int]:
         [{"role": "user", "content": text}], add_generation_prompt=True, enable_thinking=False, tokenize=False
     )
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class PromptFormat:
+    """How a model reads a task prompt: raw text after BOS (base models, the tiny study) or its chat
+    template with thinking off (an instruct teacher, ``prompt_format: chat`` in the family preset),
+    and how it reads a completion another model (with its own EOS) sampled."""
+
+    tokenizer: object
+    chat: bool = False
+
+    def prompt(self, text: str) -> list[int]:
+        return chat_prompt(self.tokenizer, text) if self.chat else encode_prompt(self.tokenizer, text)
+
+    def completion(self, ids: list[int], sampler_eos: int) -> list[int]:
+        """The same tokens, a final EOS of the sampler read as this model's own."""
+        own = self.tokenizer.eos_token_id
+        return ids[:-1] + [own] if ids and ids[-1] == sampler_eos else list(ids)

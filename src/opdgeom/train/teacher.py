@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from opdgeom.models import load_tokenizer
-from opdgeom.tokens import chat_prompt, pack
+from opdgeom.tokens import PromptFormat, pack
 from opdgeom.train.batches import TokenBatch, score
 
 PROMPT_FORMATS = ("raw", "chat")
@@ -36,20 +36,18 @@ class TeacherScorer:
             raise ValueError(f"{teacher_dir}: prompt_format 'chat' but the teacher's tokenizer has no chat_template")
         self.model = model
         self.tokenizer = teacher_tokenizer
-        self.chat = prompt_format == "chat"
-        self.student_stop, self.teacher_stop = student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id
+        self.format = PromptFormat(teacher_tokenizer, chat=prompt_format == "chat")
+        self.student_stop = student_tokenizer.eos_token_id
         self.max_tokens = max_tokens
 
     @property
     def same_format(self) -> bool:
-        return not self.chat and self.student_stop == self.teacher_stop
+        return not self.format.chat and self.student_stop == self.tokenizer.eos_token_id
 
     def teacher_rows(self, prompts: list[str], completion_ids: list[list[int]]) -> tuple[list, list]:
         """(teacher prompt ids, completion ids with the student's final EOS as the teacher's)."""
-        teacher_prompts = [chat_prompt(self.tokenizer, text) for text in prompts]
-        stop = self.student_stop
-        completions = [c[:-1] + [self.teacher_stop] if c and c[-1] == stop else list(c) for c in completion_ids]
-        return teacher_prompts, completions
+        teacher_prompts = [self.format.prompt(text) for text in prompts]
+        return teacher_prompts, [self.format.completion(c, self.student_stop) for c in completion_ids]
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], prompt_ids, completion_ids, batch: TokenBatch) -> torch.Tensor:
