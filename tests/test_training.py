@@ -193,3 +193,20 @@ def test_one_process_bf16_fsdp_with_checkpointing_and_micro_batches(tiny, tmp_pa
     state = full_trainer_state(tmp_path / "run")
     assert all(t.dtype == torch.float32 for t in state["model"].values()), "master weights must stay fp32"
     assert {t.dtype for t in state["method"]["weights"].values()} == {torch.bfloat16}, "lagged copy in bf16"
+
+
+def test_export_in_several_safetensors_shards_loads_as_the_same_model(tiny, tmp_path):
+    """The 8B export path (several shards + index) at tiny size: transformers reads it back whole."""
+    from opdgeom.models import load_tokenizer
+    from opdgeom.train.checkpoint import export_hf
+    from opdgeom.train.distributed import SINGLE
+
+    model, tokenizer = load_model(tiny["init"]), load_tokenizer(tiny["init"])
+    export_hf(model, tokenizer, tmp_path / "out", SINGLE, shard_bytes=4 << 10)
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(model.state_dict())
+    again = load_model(tmp_path / "out")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor.to(torch.bfloat16).float()), name

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from opdgeom.io import atomic_dir
-from opdgeom.train.distributed import World, barrier
+from opdgeom.train.distributed import World, barrier, full_tensor
 
 STATE_DIR = "trainer_state"
 META_FILE = "meta.pt"
@@ -104,9 +104,8 @@ def _shard_plan(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype, sha
     """Names grouped into consecutive safetensors shards of at most ``shard_bytes`` (in ``dtype``)."""
     groups: list[list[str]] = [[]]
     size = 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
     for name, tensor in tensors:
-        nbytes = tensor.numel() * itemsize
+        nbytes = tensor.numel() * dtype.itemsize
         if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
@@ -133,14 +132,12 @@ def export_hf(
     names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     if len(groups) == 1:
         names = ["model.safetensors"]
-    context = atomic_dir(out_dir) if world.is_main else _no_dir()
-    with context as tmp:
+    with atomic_dir(out_dir) if world.is_main else nullcontext() as tmp:
         weight_map = {}
         for file, group in zip(names, groups):
             shard = {}
             for name in group:
-                value = by_name[name].detach()
-                value = value.full_tensor() if hasattr(value, "full_tensor") else value
+                value = full_tensor(by_name[name].detach())
                 if not torch.isfinite(value).all():
                     raise NonFiniteError(f"parameter {name} has non-finite values; not saving {out_dir}")
                 if world.is_main:
@@ -150,7 +147,7 @@ def export_hf(
                 save_file(shard, tmp / file, metadata={"format": "pt"})
         if world.is_main:
             if len(names) > 1:
-                total = sum(by_name[n].numel() for n in weight_map) * torch.empty((), dtype=dtype).element_size()
+                total = sum(by_name[n].numel() for n in weight_map) * dtype.itemsize
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             model.config.dtype = dtype
@@ -160,8 +157,3 @@ def export_hf(
             tokenizer.save_pretrained(tmp)
     barrier(world)
     return out_dir
-
-
-@contextmanager
-def _no_dir():
-    yield None
