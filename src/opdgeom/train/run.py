@@ -88,10 +88,9 @@ def make_engine(settings: TrainSettings, init: Path, world: World):
     return _colocated_engine(settings, init, world)
 
 
-def engine_settings(settings: TrainSettings, model_dir: Path, world: World, trainer_dir: Path | None = None) -> dict:
+def engine_settings(settings: TrainSettings, model_dir: Path, world: World, trainer_dir: Path) -> dict:
     """How an engine over ``model_dir`` is built on this device: dtype, context length, KV cache bytes,
-    and the memory check's verdict against the trainer (whose model is ``trainer_dir``, by default the
-    same). bf16 on GPUs (the trainer's compute dtype); fp32 on CPU, where vLLM's bf16 kernels differ
+    and the memory check's verdict against the trainer (whose model is ``trainer_dir``). bf16 on GPUs (the trainer's compute dtype); fp32 on CPU, where vLLM's bf16 kernels differ
     from the trainer's fp32 by up to 0.15 per token and the equality checks need fp32."""
     import transformers
 
@@ -99,7 +98,7 @@ def engine_settings(settings: TrainSettings, model_dir: Path, world: World, trai
     from opdgeom.train.memory_plan import DEFAULT_PROMPT_TOKENS
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
-    trainer_config = config if trainer_dir is None else transformers.AutoConfig.from_pretrained(trainer_dir)
+    trainer_config = transformers.AutoConfig.from_pretrained(trainer_dir)
     # Room for a prompt of up to 2048 tokens plus the rollout, within what the model supports.
     max_model_len = min(config.max_position_embeddings, settings.max_new_tokens + 2048)
     on_gpu = world.device.type == "cuda"
@@ -119,16 +118,22 @@ def engine_settings(settings: TrainSettings, model_dir: Path, world: World, trai
     return {"kwargs": kwargs, "verdict": verdict}
 
 
-def _colocated_engine(settings: TrainSettings, init: Path, world: World):
-    from opdgeom.rollout.colocate import ColocatedRollout, check_vllm_build
+def _vllm_engine(role: str, model_dir: Path, settings: TrainSettings, init: Path, world: World):
+    """This rank's colocated engine over ``model_dir`` (checked against the trainer built from ``init``)."""
+    from opdgeom.rollout.colocate import check_vllm_build
 
     build = check_vllm_build()  # before vllm is imported: a torch mismatch says what to install
     from opdgeom.rollout.vllm_engine import VLLMEngine  # needs .venv-vllm (scripts/vllm_env.sh) or envs/vllm-gpu
 
-    plan = engine_settings(settings, init, world)
-    log(f"rollout engine: vLLM ({build}), {world.size} colocated engine(s), {plan['verdict']}")
-    engine = VLLMEngine(init, colocated=world.size > 1, seed=world.rank, **plan["kwargs"])
-    return ColocatedRollout(engine, rank=world.rank)
+    plan = engine_settings(settings, model_dir, world, trainer_dir=init)
+    log(f"{role} engine: vLLM ({build}), {world.size} colocated engine(s), {plan['verdict']}")
+    return VLLMEngine(model_dir, colocated=world.size > 1, seed=world.rank, **plan["kwargs"])
+
+
+def _colocated_engine(settings: TrainSettings, init: Path, world: World):
+    from opdgeom.rollout.colocate import ColocatedRollout
+
+    return ColocatedRollout(_vllm_engine("rollout", init, settings, init, world), rank=world.rank)
 
 
 def make_teacher_engine(settings: TrainSettings, teacher: Path, init: Path, world: World):
@@ -137,15 +142,9 @@ def make_teacher_engine(settings: TrainSettings, teacher: Path, init: Path, worl
     quantity the transformers teacher gives at the positions OPD reads. Worth it where the teacher
     fits one GPU beside the trainer (the pilot's 4B teacher: 8 GB bf16); a 32B teacher needs tensor
     parallelism over the node, which this does not do yet."""
-    from opdgeom.rollout.colocate import check_vllm_build, engine_teacher
+    from opdgeom.rollout.colocate import engine_teacher
 
-    build = check_vllm_build()
-    from opdgeom.rollout.vllm_engine import VLLMEngine
-
-    plan = engine_settings(settings, teacher, world, trainer_dir=init)
-    log(f"teacher engine: vLLM ({build}), {plan['verdict']}")
-    engine = VLLMEngine(teacher, colocated=world.size > 1, seed=world.rank, **plan["kwargs"])
-    return engine_teacher(engine)
+    return engine_teacher(_vllm_engine("teacher", teacher, settings, init, world))
 
 
 def make_method(run: RunSpec, tokenizer, examples, init: Path, teacher_path, seed: int, world: World = SINGLE):
