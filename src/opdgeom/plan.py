@@ -141,8 +141,11 @@ class Study:
         self.results = Path(config["results_dir"]) / self.name
         self.cache_dir = Path(config["cache_dir"])
         self.models = family["models"]
-        self.train_resources = self._train_resources(family)
-        self._check_memory(family)
+        # Hub families run on GPU nodes and are checked against them; built (tiny) ones are one process.
+        self.hub = any(m["source"] == "hub" for m in family["models"].values())
+        self.train_resources = self._train_resources(family, self.hub)
+        if self.hub:
+            self._check_memory(family)
         self.planned = expand_seeds(config["runs"])
         self.runs = self._resolve_runs(self.planned)
         self.figures = self._resolve_figures(config["figures"])
@@ -269,15 +272,12 @@ class Study:
         return {**derived.get(name, {}), **options}
 
     @staticmethod
-    def _train_resources(family: dict) -> TrainResources:
-        hub = any(m["source"] == "hub" for m in family["models"].values())
+    def _train_resources(family: dict, hub: bool) -> TrainResources:
         default = TrainResources(nodes=1, gpus_per_node=8 if hub else 1)
         return TrainResources(**{**dataclasses.asdict(default), **family.get("train_resources", {})})
 
     def _check_memory(self, family: dict) -> None:
-        """Hub families: refuse at planning time a family whose memory plan does not fit its GPUs."""
-        if not any(m["source"] == "hub" for m in family["models"].values()):
-            return
+        """Refuse at planning time a hub family whose memory plan does not fit its GPUs."""
         from opdgeom.train.memory_plan import UnknownShapeError, check_fits  # torch: only hub families pay
 
         r = self.train_resources
