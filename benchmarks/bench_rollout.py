@@ -52,6 +52,16 @@ def _total(value: int, world_size: int) -> int:
     return int(t)
 
 
+def _timed_rollouts(engine, prompts, max_new: int, device, world_size: int) -> tuple[float, int]:
+    """(seconds of the slowest rank, tokens over all ranks) of one sampling pass after a warm-up."""
+    engine.sample(prompts[:2], 4, 1.0, seed=0)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    out = engine.sample(prompts, max_new, 1.0, seed=1)
+    _sync(device)
+    return _slowest(time.perf_counter() - t0, world_size), _total(sum(map(len, out.completion_ids)), world_size)
+
+
 def _build(args, folder: Path, world, tokenizer):
     """A random-weight model of the benchmark's shape, saved once (rank 0) for the engines to start from."""
     import transformers
@@ -106,13 +116,7 @@ def run(args) -> int:
 
     # transformers generate on the sharded policy (synced: every rank runs the same forward passes).
     hf = HFEngine(model, tokenizer, batch_size=args.rows, synced=world.size > 1)
-    hf.sample(prompts[:2], 4, 1.0, seed=0)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    out = hf.sample(prompts, args.max_new, 1.0, seed=1)
-    _sync(device)
-    hf_s = _slowest(time.perf_counter() - t0, world.size)
-    hf_tokens = _total(sum(map(len, out.completion_ids)), world.size)
+    hf_s, hf_tokens = _timed_rollouts(hf, prompts, args.max_new, device, world.size)
 
     # The colocated engine: built from the folder, then synced from the shards as after every step.
     kv_bytes = args.rows * (args.prompt_len + args.max_new) * 2 * config.num_hidden_layers
@@ -127,19 +131,14 @@ def run(args) -> int:
     build_s = time.perf_counter() - t0
     syncs = []
     for _ in range(args.syncs):
-        dist.barrier() if dist.is_initialized() else None
+        if dist.is_initialized():
+            dist.barrier()
         _sync(device)
         t0 = time.perf_counter()
         engine.sync_weights(model, bucket_bytes=args.bucket_mb << 20)
         _sync(device)
         syncs.append(_slowest(time.perf_counter() - t0, world.size))
-    engine.sample(prompts[:2], 4, 1.0, seed=0)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    rollouts = engine.sample(prompts, args.max_new, 1.0, seed=1)
-    _sync(device)
-    vllm_s = _slowest(time.perf_counter() - t0, world.size)
-    vllm_tokens = _total(sum(map(len, rollouts.completion_ids)), world.size)
+    vllm_s, vllm_tokens = _timed_rollouts(engine, prompts, args.max_new, device, world.size)
     sleep_line = ""
     if engine.sleep_mode:
         t0 = time.perf_counter()
