@@ -90,8 +90,9 @@ def make_engine(settings: TrainSettings, init: Path, world: World):
 
 def engine_settings(settings: TrainSettings, model_dir: Path, world: World, trainer_dir: Path) -> dict:
     """How an engine over ``model_dir`` is built on this device: dtype, context length, KV cache bytes,
-    and the memory check's verdict against the trainer (whose model is ``trainer_dir``). bf16 on GPUs (the trainer's compute dtype); fp32 on CPU, where vLLM's bf16 kernels differ
-    from the trainer's fp32 by up to 0.15 per token and the equality checks need fp32."""
+    and the memory check's verdict against the trainer (whose model is ``trainer_dir``). bf16 on GPUs
+    (the trainer's compute dtype); fp32 on CPU, where vLLM's bf16 kernels differ from the trainer's
+    fp32 by up to 0.15 per token and the equality checks need fp32."""
     import transformers
 
     from opdgeom.rollout.colocate import check_fits, engine_memory, param_count
