@@ -1,5 +1,6 @@
 """The findings page, built from small fixed tables."""
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -29,6 +30,26 @@ def _geom(run, metrics, step=None):
     return pl.DataFrame(rows)
 
 
+def _trajectory_metrics(step: int) -> dict:
+    return {"frobenius_norm": 0.1 * step / 10, "stable_rank": 2.0 + step / 10, "tail_index": 1.5,
+            "subspace_similarity_to_final": step / 10}  # fmt: skip
+
+
+def _write_geometry(tmp_path, sparsity_by_run: dict) -> list:
+    """compare and trajectory tables of each run (two layer matrices, checkpoints 5 and 10)."""
+    paths = []
+    for run, sparsity in sparsity_by_run.items():
+        compare = _geom(run, {"bf16_sparsity": sparsity, "update_frobenius_norm": 0.1, "relative_update_norm": 0.01,
+                              "principal_angle_right_max": 1.0, "spectral_shift": 1e-3,
+                              "mask_overlap_principal": 0.05, "mask_overlap_low_magnitude": 0.06})  # fmt: skip
+        paths.append(tmp_path / "compare" / f"{run}.parquet")
+        compare.write_parquet(paths[-1])
+        traj = pl.concat([_geom(run, _trajectory_metrics(s), step=s) for s in (5, 10)])
+        paths.append(tmp_path / "trajectory" / f"{run}.parquet")
+        traj.write_parquet(paths[-1])
+    return paths
+
+
 def test_findings_page_from_fixed_tables(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "compare").mkdir()
@@ -48,29 +69,7 @@ def test_findings_page_from_fixed_tables(tmp_path):
     for ref, rows in evals.items():
         paths.append(tmp_path / "eval" / f"{ref}.parquet")
         _eval(ref, rows).write_parquet(paths[-1])
-    for run, sparsity in (("opd.s0", 0.9), ("opd.s1", 0.8), ("rlvr", 0.5)):
-        compare = _geom(run, {"bf16_sparsity": sparsity, "update_frobenius_norm": 0.1, "relative_update_norm": 0.01,
-                              "principal_angle_right_max": 1.0, "spectral_shift": 1e-3,
-                              "mask_overlap_principal": 0.05, "mask_overlap_low_magnitude": 0.06})  # fmt: skip
-        paths.append(tmp_path / "compare" / f"{run}.parquet")
-        compare.write_parquet(paths[-1])
-        traj = pl.concat(
-            [
-                _geom(
-                    run,
-                    {
-                        "frobenius_norm": 0.1 * s / 10,
-                        "stable_rank": 2.0 + s / 10,
-                        "tail_index": 1.5,
-                        "subspace_similarity_to_final": s / 10,
-                    },
-                    step=s,
-                )
-                for s in (5, 10)
-            ]  # fmt: skip
-        )
-        paths.append(tmp_path / "trajectory" / f"{run}.parquet")
-        traj.write_parquet(paths[-1])
+    paths += _write_geometry(tmp_path, {"opd.s0": 0.9, "opd.s1": 0.8, "rlvr": 0.5})
     methods = {"opd.s0": "opd", "opd.s1": "opd", "rlvr": "rlvr"}
     text = FIGURES["findings"](
         paths,
@@ -126,3 +125,58 @@ def test_budget_figure_pools_seeds_per_method_and_budget(tmp_path):
     assert row["budget"][0] == pytest.approx(1e-2 / ((rms[0] + rms[1]) / 2))
     sr = data.filter(pl.col("group") == "sft.b0", pl.col("metric") == "stable_rank")
     assert sr["mean"][0] == 3.5
+
+
+def _with_prompt_parts(table: pl.DataFrame, kl_per_prompt, reward_per_prompt, tokens: int = 4) -> pl.DataFrame:
+    """Per-prompt parts of the sampled metrics, each row's scalars recomputed from them."""
+    n = len(table["correct"][0])
+    kl_sums = [[kl * tokens for kl in kl_per_prompt[i]] for i in range(table.height)]
+    return table.with_columns(
+        reverse_kl=pl.Series([sum(k) / (tokens * n) for k in kl_sums]),
+        sampled_reward=pl.Series([sum(r) / n for r in reward_per_prompt]),
+        kl_sum_per_prompt=pl.Series(kl_sums, dtype=pl.List(pl.Float64)),
+        kl_tokens_per_prompt=pl.Series([[tokens] * n] * table.height, dtype=pl.List(pl.Int64)),
+        reward_per_prompt=pl.Series(reward_per_prompt, dtype=pl.List(pl.Float64)),
+    )
+
+
+def test_one_seed_jobs_are_decided_by_a_paired_bootstrap_over_prompts(tmp_path):
+    for d in ("eval", "compare", "trajectory"):
+        (tmp_path / d).mkdir()
+    n = 40
+    anchor = [1] + [0] * 3  # 40 prompts (_eval repeats it 10 times)
+    rng = np.random.default_rng(0)
+    kl0 = 0.5 + 0.2 * rng.random(n)
+    reward0 = rng.random(n)
+    tables = {
+        # one seed: KL lower on every prompt by 0.1 -> "yes"; reward unchanged up to noise -> "unresolved"
+        "opd": _with_prompt_parts(_eval("opd", [(0, anchor, 1.0, 0, 0), (10, anchor, 1.0, 0, 0)]),
+                                  [kl0, kl0 - 0.1], [reward0, reward0]),  # fmt: skip
+        "rlvr": _with_prompt_parts(_eval("rlvr", [(0, anchor, 1.0, 0, 0), (10, anchor, 1.0, 0, 0)]),
+                                   [kl0, kl0], [reward0, np.clip(reward0 + 0.02 * rng.standard_normal(n), 0, 1)]),
+        # two seeds: the deciding interval is over seeds; over prompts is shown beside it
+        "mix.s0": _with_prompt_parts(_eval("mix.s0", [(0, anchor, 1.0, 0, 0), (10, anchor, 1.0, 0, 0)]),
+                                     [kl0, kl0 - 0.05], [reward0, np.minimum(reward0 + 0.1, 1)]),
+        "mix.s1": _with_prompt_parts(_eval("mix.s1", [(0, anchor, 1.0, 0, 0), (10, anchor, 1.0, 0, 0)]),
+                                     [kl0, kl0 + 0.04], [reward0, np.minimum(reward0 + 0.1, 1)]),
+    }  # fmt: skip
+    paths = []
+    for ref, table in tables.items():
+        paths.append(tmp_path / "eval" / f"{ref}.parquet")
+        table.write_parquet(paths[-1])
+    paths += _write_geometry(tmp_path, {r: 0.5 for r in tables})
+    methods = {"opd": "opd", "rlvr": "rlvr", "mix.s0": "mix", "mix.s1": "mix"}
+    text = FIGURES["findings"](
+        paths, tmp_path / "findings", methods=methods, references={}, inits={r: "sft" for r in methods},
+        train={r: {"lr": 1e-4, "steps": 10} for r in methods},
+    )  # fmt: skip
+    lines = text.splitlines()
+    opd = next(line for line in lines if line.startswith("| opd | opd | 1 |"))
+    assert "reverse KL to teacher lower: yes (change -0.1000; over prompts -0.1000 [-0.1000, -0.1000])" in opd
+    rlvr = next(line for line in lines if line.startswith("| rlvr | rlvr | 1 |"))
+    assert "sampled reward higher: unresolved" in rlvr and "over prompts" in rlvr
+    mix = next(line for line in lines if line.startswith("| mix | mix | 2 |"))
+    # seed changes -0.05 and +0.04: the t interval spans 0 -> unresolved, although over prompts the
+    # seed-mean change (-0.005 on every prompt) has no spread
+    assert "reverse KL to teacher lower: unresolved (change -0.0050 [" in mix
+    assert "over prompts -0.0050 [-0.0050, -0.0050]" in mix

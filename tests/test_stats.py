@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from opdgeom.stats import bootstrap_interval, seed_interval
+from opdgeom.stats import bootstrap_interval, bootstrap_statistic, seed_interval
 
 
 def test_seed_interval_matches_scipy_t_interval():
@@ -42,3 +42,36 @@ def test_bootstrap_over_seeds_resamples_prompts_jointly():
     a = np.array([1, 0] * 50)
     got = bootstrap_interval(np.stack([a, 1 - a]))
     assert got.mean == 0.5 and got.lo == pytest.approx(0.5) and got.hi == pytest.approx(0.5) and got.n == 100
+
+
+def test_bootstrap_statistic_matches_scipy_paired_bootstrap_of_a_ratio():
+    # A token-weighted mean (sum of per-prompt sums / sum of per-prompt token counts), changed between
+    # two checkpoints evaluated on the same prompts: the pairs must be resampled together.
+    rng = np.random.default_rng(5)
+    tokens_a, tokens_b = rng.integers(5, 40, 400), rng.integers(5, 40, 400)
+    sums_a = tokens_a * (0.30 + 0.1 * rng.standard_normal(400))
+    sums_b = sums_a * tokens_b / tokens_a - tokens_b * 0.02 + tokens_b * 0.05 * rng.standard_normal(400)
+
+    def change(sa, ta, sb, tb, axis=-1):
+        return sb.sum(-1) / tb.sum(-1) - sa.sum(-1) / ta.sum(-1)
+
+    got = bootstrap_statistic(change, [sums_a, tokens_a, sums_b, tokens_b], n_resamples=20000, seed=1)
+    ref = stats.bootstrap(
+        (sums_a, tokens_a, sums_b, tokens_b), change, paired=True, vectorized=True, n_resamples=20000,
+        method="percentile", rng=np.random.default_rng(2),
+    )  # fmt: skip
+    assert got.mean == pytest.approx(change(sums_a, tokens_a, sums_b, tokens_b), rel=1e-12)
+    assert got.lo == pytest.approx(ref.confidence_interval.low, abs=1e-3)
+    assert got.hi == pytest.approx(ref.confidence_interval.high, abs=1e-3)
+    # pairing: a change of exactly 0.01 per token on every prompt has no sampling spread at all
+    shifted = bootstrap_statistic(change, [sums_a, tokens_a, sums_a + 0.01 * tokens_a, tokens_a])
+    assert (shifted.lo, shifted.mean, shifted.hi) == (pytest.approx(0.01), pytest.approx(0.01), pytest.approx(0.01))
+
+
+def test_bootstrap_statistic_resamples_seed_rows_jointly_and_names_a_mismatch():
+    a = np.array([[1.0, 0.0] * 50, [0.0, 1.0] * 50])  # two seeds that disagree on every prompt
+    got = bootstrap_statistic(lambda x: float(x.mean()), [a])
+    assert got.mean == 0.5 and got.lo == pytest.approx(0.5) and got.hi == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="number of prompts"):
+        bootstrap_statistic(lambda x, y: 0.0, [np.zeros(3), np.zeros(4)])
+    assert bootstrap_statistic(lambda x: 0.0, [np.zeros(0)]).n == 0

@@ -101,6 +101,7 @@ def _evaluate(args) -> None:
         args.ref, _checkpoints(args), args.eval_data, args.domain, args.max_new_tokens, args.batch_size,
         teacher=args.teacher, temperature=args.temperature,
         chat=args.prompt_format == "chat", teacher_chat=args.teacher_prompt_format == "chat", engine=args.engine,
+        samples=args.samples,
     )  # fmt: skip
     write_parquet(table, args.out)
 
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--teacher", type=Path, help="also the per-token reverse KL to this model on sampled completions")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the reverse-KL metric")
+    p.add_argument("--samples", type=int, default=1, help="sampled completions per prompt (reverse KL, reward)")
     p.add_argument("--prompt-format", choices=["raw", "chat"], default="raw", help="how the evaluated model reads")
     p.add_argument("--teacher-prompt-format", choices=["raw", "chat"], default="raw", help="how the teacher reads")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="who decodes the greedy answers")

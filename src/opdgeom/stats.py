@@ -5,11 +5,14 @@
 - ``bootstrap_interval(correct_SN)``: accuracy averaged over seeds (rows) and prompts (columns) with
   a percentile bootstrap over prompts: the same resampled prompts for every seed, since every seed
   is evaluated on the same held-out set.
+- ``bootstrap_statistic(statistic, arrays)``: any statistic of per-prompt arrays (a token-weighted
+  mean, a paired change between two checkpoints) with the same percentile bootstrap over prompts.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,3 +69,26 @@ def bootstrap_interval(
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means_R, [alpha, 1 - alpha])
     return Interval(float(per_prompt_N.mean()), float(lo), float(hi), n)
+
+
+def bootstrap_statistic(
+    statistic: Callable[..., float],
+    arrays: Sequence,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_BOOTSTRAP,
+    seed: int = 0,
+) -> Interval:
+    """``statistic(*arrays)`` with a percentile bootstrap over prompts: the last axis of every array is
+    the same prompts, resampled jointly (so a change between two checkpoints stays paired)."""
+    xs = [np.asarray(a, dtype=np.float64) for a in arrays]
+    n = xs[0].shape[-1]
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    if any(x.shape[-1] != n for x in xs):
+        raise ValueError(f"bootstrap_statistic: arrays disagree on the number of prompts: {[x.shape for x in xs]}")
+    rng = np.random.default_rng(seed)
+    idx_RN = rng.integers(0, n, size=(n_resamples, n))
+    values_R = np.array([statistic(*(x[..., idx_N] for x in xs)) for idx_N in idx_RN])
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(values_R, [alpha, 1 - alpha])
+    return Interval(float(statistic(*xs)), float(lo), float(hi), n)

@@ -14,11 +14,12 @@ rule evaluate:
         batch_size=STUDY.evaluate["batch_size"],
         teacher=lambda wc: STUDY.ref_path(eval_teacher(wc.ref)),
         temperature=STUDY.train_defaults["temperature"],
+        samples=STUDY.evaluate.get("samples", 1),
         engine=STUDY.evaluate.get("engine", "hf"),
         formats=lambda wc: f"--prompt-format {STUDY.prompt_format(wc.ref)} "
         f"--teacher-prompt-format {STUDY.prompt_format(eval_teacher(wc.ref))}",
     shell:
         "python -m opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
         "--domain {params.domain} --max-new-tokens {params.max_new_tokens} "
-        "--batch-size {params.batch_size} --teacher {params.teacher} --temperature {params.temperature} {params.formats} --engine {params.engine} "
+        "--batch-size {params.batch_size} --teacher {params.teacher} --temperature {params.temperature} --samples {params.samples} {params.formats} --engine {params.engine} "
         "--out {output} 2> {log}"

@@ -24,7 +24,8 @@ def accuracy_figure(
         missing = [r for r in refs if r not in present]
         if missing:
             raise ValueError(f"accuracy figure: no evaluation rows for {kind}(s) {missing} in {list(map(str, inputs))}")
-    write_text(table.drop("correct", strict=False).write_csv(), Path(f"{out_prefix}.csv"))
+    per_prompt = [name for name, dtype in table.schema.items() if isinstance(dtype, pl.List)]  # not CSV cells
+    write_text(table.drop(per_prompt).write_csv(), Path(f"{out_prefix}.csv"))
     group_runs = groups_of(list(methods))
     group_methods = {g: methods[runs[0]] for g, runs in group_runs.items()}
     styles = run_styles(group_methods)

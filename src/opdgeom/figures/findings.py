@@ -6,7 +6,10 @@ Intervals are 95%: over seeds a Student-t interval (n seeds, none for one seed);
 and its change a percentile bootstrap over prompts (the same prompts resampled for every seed).
 
 Jobs (first vs last checkpoint of a run; "yes" when the interval of the change lies on the stated
-side of 0, "no" when it lies on the other side, "unresolved" otherwise):
+side of 0, "no" when it lies on the other side, "unresolved" otherwise). The interval that decides:
+for accuracy the paired bootstrap over prompts of the seed-mean change; for the other quantities the
+t interval over seeds, and for a run entry with one seed (no seed interval) the paired bootstrap over
+prompts of its per-prompt parts, which is also shown beside the t interval:
 - every method: held-out accuracy of the last checkpoint minus its init's (the anchor's);
 - sft: held-out NLL of the demonstrations goes down;
 - opd (and mix): per-token reverse KL to the teacher on self-sampled completions goes down;
@@ -24,7 +27,7 @@ import polars as pl
 
 from opdgeom.figures.tables import groups_of, layer_matrices
 from opdgeom.io import write_text
-from opdgeom.stats import Interval, bootstrap_interval, seed_interval
+from opdgeom.stats import Interval, bootstrap_interval, bootstrap_statistic, seed_interval
 
 JOBS = {
     "sft": [("nll", "held-out NLL", -1)],
@@ -70,6 +73,29 @@ def _verdict(ci: Interval, sign: int) -> str:
     if wrong_side:
         return "no"
     return "unresolved"
+
+
+# metric -> the per-prompt columns of the eval table it is a statistic of, and that statistic
+PER_PROMPT = {
+    "reverse_kl": (("kl_sum_per_prompt", "kl_tokens_per_prompt"), lambda kl_SN, tok_SN: kl_SN.sum(-1) / tok_SN.sum(-1)),
+    "sampled_reward": (("reward_per_prompt",), lambda reward_SN: reward_SN.mean(-1)),
+}
+
+
+def _prompt_change(first: list[pl.DataFrame], last: list[pl.DataFrame], metric: str) -> Interval | None:
+    """Seed-mean change of ``metric`` from each run's first to last checkpoint, with a paired bootstrap
+    over prompts (the same resampled prompts for every seed and both checkpoints); None without the
+    per-prompt columns."""
+    columns, statistic = PER_PROMPT[metric]
+    if not all(c in row.columns for row in first + last for c in columns):
+        return None
+
+    def stack(rows):
+        return [np.stack([np.asarray(row[c][0], dtype=np.float64) for row in rows]) for c in columns]
+
+    k = len(columns)
+    change = lambda *a: float((statistic(*a[k:]) - statistic(*a[:k])).mean())  # noqa: E731
+    return bootstrap_statistic(change, stack(first) + stack(last))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -157,8 +183,10 @@ def findings(
         "## Did each method do its job",
         "",
         "First checkpoint (the run's init) vs last. Accuracy: greedy held-out accuracy, mean over seeds; its change "
-        "a paired bootstrap over prompts. Other changes: mean over seeds of (last - first) with a t interval. "
-        "'yes': the interval lies on the method's side of 0.",
+        "a paired bootstrap over prompts. Other changes: mean over seeds of (last - first) with a t interval over "
+        "seeds, and beside it a paired bootstrap over prompts of the seed-mean change (every seed and both "
+        "checkpoints resampled on the same prompts); with one seed that bootstrap decides. "
+        "'yes': the deciding interval lies on the method's side of 0.",
         "",
     ]
     job_rows = []
@@ -175,14 +203,16 @@ def findings(
             acc0_s = acc1_s = delta_s = verdict = "n/a"
         cells = [group, method, str(len(runs)), acc0_s, acc1_s, delta_s, f"accuracy above init: {verdict}"]
         for metric, label, sign in JOBS.get(method, []):
-            changes = []
-            for r in runs:
-                rows = eval_rows(r)
-                if metric in rows.columns and rows.height >= 2:
-                    changes.append(rows[metric][-1] - rows[metric][0])
-            ci = seed_interval(changes)
+            ends = [eval_rows(r) for r in runs]
+            ends = [rows for rows in ends if metric in rows.columns and rows.height >= 2]
+            seeds = seed_interval([rows[metric][-1] - rows[metric][0] for rows in ends])
+            prompts = _prompt_change([rows[0] for rows in ends], [rows[-1] for rows in ends], metric) if ends else None
+            deciding = prompts if seeds.n == 1 and prompts is not None else seeds
             side = "lower" if sign < 0 else "higher"
-            cells[-1] += f"; {label} {side}: {_verdict(ci, sign)} (change {_fmt(ci, 4)})"
+            shown = _fmt(seeds, 4)
+            if prompts is not None:
+                shown += f"; over prompts {_fmt(prompts, 4)}"
+            cells[-1] += f"; {label} {side}: {_verdict(deciding, sign)} (change {shown})"
         job_rows.append(cells)
     lines += _table(
         ["run entry", "method", "seeds", "accuracy, init", "accuracy, last", "change", "did its job"], job_rows
