@@ -132,6 +132,19 @@ def test_figure_inputs_are_only_its_runs():
     assert s.figure_options("localization")["alpha"] == base_config()["diagnose"]["alpha"]
 
 
+def test_sweep_findings_take_their_own_file_name():
+    """config/sweep.yaml on top of config.yaml: the sweep's findings page must not overwrite the study's."""
+    config = base_config()
+    config.update(yaml.safe_load((REPO / "config" / "sweep.yaml").read_text()))
+    s = study(config)
+    assert [p.name for p in s.figure_outputs("findings")] == ["findings_sweep.md", "findings_sweep.html"]
+    assert "file" not in s.figure_options("findings")
+    assert [p.name for p in study(base_config()).figure_outputs("findings")] == ["findings.md", "findings.html"]
+    config["figures"][1]["file"] = "Findings sweep"
+    with pytest.raises(ConfigError, match=r"figures.*file"):
+        study(config)
+
+
 def test_seed_list_expands_into_replicates_with_matched_inits():
     config = with_runs(
         {"name": "sft", "method": "sft", "init": "student", "seeds": [0, 1, 2]},

@@ -38,11 +38,17 @@ FIGURE_EXTENSIONS = {"table1": ("csv", "md"), "findings": ("md", "html")}
 
 @dataclass(frozen=True)
 class FigureSpec:
-    """One figure target: its runs (config order) and the options its function receives."""
+    """One figure target: its runs (config order), the options its function receives and the file
+    name its outputs take in figures/ (default: the figure's name)."""
 
     name: str
     runs: tuple[str, ...]
     options: dict = field(hash=False)
+    file: str = ""
+
+    @property
+    def stem(self) -> str:
+        return self.file or self.name
 
     @property
     def extensions(self) -> tuple[str, ...]:
@@ -213,7 +219,7 @@ class Study:
             name = entry["name"]
             if name in figures:
                 raise ConfigError(f"{where}.name: figure {name!r} is listed twice")
-            options = {k: v for k, v in entry.items() if k not in ("name", "runs")}
+            options = {k: v for k, v in entry.items() if k not in ("name", "runs", "file")}
             unknown = [
                 r
                 for r in [*entry.get("runs", []), *(r for g in options.get("groups", {}).values() for r in g)]
@@ -225,7 +231,7 @@ class Study:
                 options["groups"] = {g: self._expand_names(rs) for g, rs in options["groups"].items()}
             grouped = [r for group in options.get("groups", {}).values() for r in group]
             runs = self._expand_names(entry.get("runs", [])) or grouped or self.study_runs
-            figures[name] = FigureSpec(name, tuple(dict.fromkeys(runs)), options)
+            figures[name] = FigureSpec(name, tuple(dict.fromkeys(runs)), options, entry.get("file", ""))
         return figures
 
     def figure_inputs(self, name: str) -> list[Path]:
@@ -419,11 +425,9 @@ class Study:
     def trajectory_table(self, run: str) -> Path:
         return self.results / "diagnose" / "trajectory" / f"{run}.parquet"
 
-    def figure(self, name: str, ext: str) -> Path:
-        return self.results / "figures" / f"{name}.{ext}"
-
     def figure_outputs(self, name: str) -> list[Path]:
-        return [self.figure(name, ext) for ext in self.figures[name].extensions]
+        spec = self.figures[name]
+        return [self.results / "figures" / f"{spec.stem}.{ext}" for ext in spec.extensions]
 
     @property
     def eval_refs(self) -> list[str]:

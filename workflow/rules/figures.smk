@@ -17,7 +17,7 @@ for _figure in STUDY.figures:
                 for p in STUDY.figure_outputs(_figure)
             ],
         log:
-            f"{LOGS}/figures/{_figure}.log",
+            f"{LOGS}/figures/{STUDY.figures[_figure].stem}.log",
         conda:
             "../../envs/figures.yaml"
         params:

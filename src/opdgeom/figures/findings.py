@@ -145,9 +145,9 @@ def findings(
         f"# {title}",
         "",
         "Generated from the evaluation, compare and trajectory tables; numbers only. Intervals are 95%: "
-        "over seeds a Student-t interval (none for one seed); accuracy a percentile bootstrap over the "
-        f"{n_prompts} held-out prompts. Each run entry lists its seeds; controls with one seed have no seed "
-        "interval.",
+        "over seeds a Student-t interval (none for one seed); accuracy, and every change of a one-seed run "
+        f"entry, a percentile bootstrap over the {n_prompts} held-out prompts. Each run entry lists its seeds; "
+        "controls with one seed have no seed interval.",
         "",
     ]
 
