@@ -87,8 +87,8 @@ def _prompt_change(first: list[pl.DataFrame], last: list[pl.DataFrame], metric: 
     over prompts (the same resampled prompts for every seed and both checkpoints); None without the
     per-prompt columns."""
     columns, statistic = PER_PROMPT[metric]
-    if not all(c in row.columns for row in first + last for c in columns):
-        return None
+    if not all(c in row.columns and row[c][0] is not None for row in first + last for c in columns):
+        return None  # tables written before the per-prompt parts existed
 
     def stack(rows):
         return [np.stack([np.asarray(row[c][0], dtype=np.float64) for row in rows]) for c in columns]
