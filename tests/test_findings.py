@@ -165,7 +165,11 @@ def test_one_seed_jobs_are_decided_by_a_paired_bootstrap_over_prompts(tmp_path):
         paths.append(tmp_path / "eval" / f"{ref}.parquet")
         table.write_parquet(paths[-1])
     paths += _write_geometry(tmp_path, {r: 0.5 for r in tables})
-    methods = {"opd": "opd", "rlvr": "rlvr", "mix.s0": "mix", "mix.s1": "mix"}
+    tables["sft"] = _eval("sft", [(0, anchor, 2.0, 0, 0), (10, anchor, 1.0, 0, 0)])  # NLL: no per-prompt parts
+    paths.append(tmp_path / "eval" / "sft.parquet")
+    tables["sft"].write_parquet(paths[-1])
+    paths += _write_geometry(tmp_path, {"sft": 0.5})
+    methods = {"opd": "opd", "rlvr": "rlvr", "mix.s0": "mix", "mix.s1": "mix", "sft": "sft"}
     text = FIGURES["findings"](
         paths, tmp_path / "findings", methods=methods, references={}, inits={r: "sft" for r in methods},
         train={r: {"lr": 1e-4, "steps": 10} for r in methods},
@@ -180,3 +184,5 @@ def test_one_seed_jobs_are_decided_by_a_paired_bootstrap_over_prompts(tmp_path):
     # seed-mean change (-0.005 on every prompt) has no spread
     assert "reverse KL to teacher lower: unresolved (change -0.0050 [" in mix
     assert "over prompts -0.0050 [-0.0050, -0.0050]" in mix
+    sft = next(line for line in lines if line.startswith("| sft | sft | 1 |"))
+    assert "held-out NLL lower: one seed, no interval: lower (change -1.0000)" in sft

@@ -86,6 +86,8 @@ def _prompt_change(first: list[pl.DataFrame], last: list[pl.DataFrame], metric: 
     """Seed-mean change of ``metric`` from each run's first to last checkpoint, with a paired bootstrap
     over prompts (the same resampled prompts for every seed and both checkpoints); None without the
     per-prompt columns."""
+    if metric not in PER_PROMPT:
+        return None  # e.g. NLL of the demonstrations: no per-prompt parts are kept
     columns, statistic = PER_PROMPT[metric]
     if not all(c in row.columns and row[c][0] is not None for row in first + last for c in columns):
         return None  # tables written before the per-prompt parts existed
