@@ -28,7 +28,7 @@ import polars as pl
 import torch
 
 from opdgeom.device import local_device
-from opdgeom.logprobs import DEFAULT_CHUNK_TOKENS, token_logprobs
+from opdgeom.logprobs import DEFAULT_CHUNK_TOKENS, final_hidden_states, token_logprobs
 from opdgeom.models import load_model, load_tokenizer
 from opdgeom.rollout import HFEngine
 from opdgeom.rollout.greedy import greedy_completions
@@ -68,9 +68,7 @@ def _completion_hidden(model, prompts, completions, pad_id: int) -> torch.Tensor
     """Final hidden states at the positions that predict a completion token, rows in order: (N, H)."""
     device = next(model.parameters()).device
     rows = pack(prompts, completions, pad_id)
-    body = getattr(model, model.base_model_prefix)  # Qwen3/Llama/Qwen2/Mistral: model.model
-    ids_BT, attn_BT = rows["input_ids"].to(device), rows["attention_mask"].to(device)
-    hidden_BTH = body(input_ids=ids_BT, attention_mask=attn_BT, use_cache=False).last_hidden_state
+    hidden_BTH = final_hidden_states(model, rows["input_ids"].to(device), rows["attention_mask"].to(device))
     return hidden_BTH[:, :-1][rows["target_mask"].bool().to(device)]
 
 

@@ -13,6 +13,13 @@ DEFAULT_CHUNK_TOKENS = 2048
 _FSDP_METHOD = "_opdgeom_token_logprobs"
 
 
+def final_hidden_states(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """The decoder body's last hidden states (B, T, H), before lm_head: the one place that knows where a
+    causal LM keeps its body."""
+    body = getattr(model, model.base_model_prefix)  # Qwen3/Llama/Qwen2/Mistral: model.model
+    return body(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).last_hidden_state
+
+
 def _chunk_logprobs(lm_head, hidden_NH: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
     """log_softmax(lm_head(h))[target] for N positions, in fp32 or wider (float64 models stay float64)."""
     logits_NV = lm_head(hidden_NH)
@@ -30,9 +37,8 @@ def chunked_token_logprobs(
     Call it through ``token_logprobs``: under FSDP2 the root's parameters (embeddings, norm, lm_head) are
     gathered only inside a registered forward method.
     """
-    body = getattr(model, model.base_model_prefix)  # Qwen3/Llama/Qwen2/Mistral: model.model
     lm_head = model.get_output_embeddings()
-    hidden_BTH = body(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).last_hidden_state
+    hidden_BTH = final_hidden_states(model, input_ids_BT, attention_mask_BT)
     B, T = input_ids_BT.shape
     hidden_NH = hidden_BTH[:, :-1].reshape(B * (T - 1), -1)  # position t predicts token t+1
     targets_N = input_ids_BT[:, 1:].reshape(-1)
