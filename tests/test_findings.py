@@ -99,6 +99,8 @@ def test_findings_page_from_fixed_tables(tmp_path):
     # relative update at the last step: sqrt(2 * 0.1^2) / sqrt(2 * 10^2) = 0.01
     assert "| opd | 10 | 0.0100" in text
     assert "||" not in text  # every table row keeps its columns
+    assert "Runs with identical held-out results (every metric and every prompt's parts" in text
+    assert "after the init): none." in text
 
 
 def test_budget_figure_pools_seeds_per_method_and_budget(tmp_path):
@@ -186,3 +188,22 @@ def test_one_seed_jobs_are_decided_by_a_paired_bootstrap_over_prompts(tmp_path):
     assert "over prompts -0.0050 [-0.0050, -0.0050]" in mix
     sft = next(line for line in lines if line.startswith("| sft | sft | 1 |"))
     assert "held-out NLL lower: one seed, no interval: lower (change -1.0000)" in sft
+
+
+def test_runs_with_identical_held_out_results_are_named(tmp_path):
+    from opdgeom.figures.findings import identical_runs
+
+    anchor = [1] * 3 + [0] * 7
+    trained = [1] * 5 + [0] * 5
+    evals = pl.concat(
+        [
+            _eval("opd.topkl50", [(0, anchor, 1.0, 1.0, 0.3), (10, trained, 0.9, 0.5, 0.5)]),
+            _eval("opd.topkl25", [(0, anchor, 1.0, 1.0, 0.3), (10, trained, 0.9, 0.5, 0.5)]),
+            # same accuracy and scalars, other prompts correct: not the same results
+            _eval("opd.rand50", [(0, anchor, 1.0, 1.0, 0.3), (10, trained[::-1], 0.9, 0.5, 0.5)]),
+            # same init only: step 0 does not count
+            _eval("opd.rand25", [(0, anchor, 1.0, 1.0, 0.3), (10, anchor, 0.9, 0.5, 0.5)]),
+        ]
+    )
+    assert identical_runs(evals) == [(["opd.topkl25", "opd.topkl50"], [10])]
+    assert identical_runs(evals.filter(pl.col("ref") != "opd.topkl25")) == []

@@ -100,6 +100,26 @@ def _prompt_change(first: list[pl.DataFrame], last: list[pl.DataFrame], metric: 
     return bootstrap_statistic(change, stack(first) + stack(last))
 
 
+# every held-out result of a checkpoint, down to each prompt's parts
+RESULT_COLUMNS = ("accuracy", "nll", "reverse_kl", "sampled_reward", "correct", "reward_per_prompt",
+                  "kl_sum_per_prompt", "kl_tokens_per_prompt")  # fmt: skip
+
+
+def identical_runs(evals: pl.DataFrame) -> list[tuple[list[str], list[int]]]:
+    """Groups of runs whose held-out results are equal, column by column and prompt by prompt, at
+    every checkpoint after their init (step > 0), with those steps. Two configurations that train to
+    the same exported bf16 weights land here; a page that listed them as separate findings without
+    saying so would count one measurement twice."""
+    columns = [c for c in RESULT_COLUMNS if c in evals.columns]
+    by_results: dict[tuple, list[str]] = {}
+    for ref in sorted(evals["ref"].unique().to_list()):
+        rows = evals.filter((pl.col("ref") == ref) & (pl.col("step") > 0)).sort("step")
+        if not rows.is_empty():
+            key = (tuple(rows["step"].to_list()), repr(rows.select(columns).rows()))
+            by_results.setdefault(key, []).append(ref)
+    return [(refs, list(key[0])) for key, refs in by_results.items() if len(refs) > 1]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -219,6 +239,11 @@ def findings(
     lines += _table(
         ["run entry", "method", "seeds", "accuracy, init", "accuracy, last", "change", "did its job"], job_rows
     )
+
+    twins = identical_runs(evals)
+    lines += ["Runs with identical held-out results (every metric and every prompt's parts, at every checkpoint "
+              "after the init): " + ("; ".join(f"{', '.join(refs)} (steps {', '.join(map(str, steps))})"
+                                               for refs, steps in twins) or "none") + ".", ""]  # fmt: skip
 
     # ---- per-checkpoint metrics
     lines += ["## Held-out metrics per checkpoint (mean over seeds [t interval])", ""]
