@@ -145,6 +145,20 @@ def test_sweep_findings_take_their_own_file_name():
         study(config)
 
 
+def test_sweep_reuses_the_default_studys_runs_with_identical_specs():
+    """Runs that config/sweep.yaml shares with config.yaml by name (the SFT anchor, OPD and RLVR at rung
+    b2) must plan to the same spec, or one of the two studies would silently rebuild the other's files."""
+    default = study(base_config())
+    config = base_config()
+    config.update(yaml.safe_load((REPO / "config" / "sweep.yaml").read_text()))
+    sweep = study(config)
+    shared = sorted(set(sweep.study_runs) & set(default.study_runs))
+    assert shared == sorted(f"{m}.s{i}" for m in ("sft", "opd", "rlvr") for i in range(3))
+    for run in shared:
+        assert sweep.runs[run].to_json() == default.runs[run].to_json(), run
+    assert len(set(sweep.figures["budget"].runs)) == 18 * 3
+
+
 def test_seed_list_expands_into_replicates_with_matched_inits():
     config = with_runs(
         {"name": "sft", "method": "sft", "init": "student", "seeds": [0, 1, 2]},
