@@ -99,8 +99,10 @@ def test_findings_page_from_fixed_tables(tmp_path):
     # relative update at the last step: sqrt(2 * 0.1^2) / sqrt(2 * 10^2) = 0.01
     assert "| opd | 10 | 0.0100" in text
     assert "||" not in text  # every table row keeps its columns
-    assert "Runs with identical held-out results (every metric and every prompt's parts" in text
-    assert "after the init): none." in text
+    assert (
+        "Runs with identical held-out results at their last checkpoint (every metric and every prompt's parts): none."
+        in text
+    )
 
 
 def test_budget_figure_pools_seeds_per_method_and_budget(tmp_path):
@@ -194,16 +196,28 @@ def test_runs_with_identical_held_out_results_are_named(tmp_path):
     from opdgeom.figures.findings import identical_runs
 
     anchor = [1] * 3 + [0] * 7
+    middle = [1] * 4 + [0] * 6
     trained = [1] * 5 + [0] * 5
     evals = pl.concat(
         [
-            _eval("opd.topkl50", [(0, anchor, 1.0, 1.0, 0.3), (10, trained, 0.9, 0.5, 0.5)]),
-            _eval("opd.topkl25", [(0, anchor, 1.0, 1.0, 0.3), (10, trained, 0.9, 0.5, 0.5)]),
+            _eval(
+                "opd.topkl50", [(0, anchor, 1.0, 1.0, 0.3), (5, middle, 0.95, 0.7, 0.4), (10, trained, 0.9, 0.5, 0.5)]
+            ),
+            # the same last checkpoint reached by another path: grouped, identical at step 10 only
+            _eval(
+                "opd.topkl25", [(0, anchor, 1.0, 1.0, 0.3), (5, middle, 0.95, 0.71, 0.4), (10, trained, 0.9, 0.5, 0.5)]
+            ),
             # same accuracy and scalars, other prompts correct: not the same results
-            _eval("opd.rand50", [(0, anchor, 1.0, 1.0, 0.3), (10, trained[::-1], 0.9, 0.5, 0.5)]),
-            # same init only: step 0 does not count
-            _eval("opd.rand25", [(0, anchor, 1.0, 1.0, 0.3), (10, anchor, 0.9, 0.5, 0.5)]),
+            _eval(
+                "opd.rand50",
+                [(0, anchor, 1.0, 1.0, 0.3), (5, middle, 0.95, 0.7, 0.4), (10, trained[::-1], 0.9, 0.5, 0.5)],
+            ),
+            # same init and same middle checkpoint only: step 0 does not count, the last one differs
+            _eval("opd.rand25", [(0, anchor, 1.0, 1.0, 0.3), (5, middle, 0.95, 0.7, 0.4), (10, anchor, 0.9, 0.5, 0.5)]),
         ]
     )
-    assert identical_runs(evals) == [(["opd.topkl25", "opd.topkl50"], [10])]
+    assert identical_runs(evals) == [(["opd.topkl25", "opd.topkl50"], [10], [5, 10])]
+    copy = evals.filter(pl.col("ref") == "opd.topkl50").with_columns(ref=pl.lit("opd.copy"))
+    same_path = pl.concat([evals.filter(pl.col("ref") != "opd.topkl25"), copy])
+    assert identical_runs(same_path) == [(["opd.copy", "opd.topkl50"], [5, 10], [5, 10])]
     assert identical_runs(evals.filter(pl.col("ref") != "opd.topkl25")) == []

@@ -5,6 +5,8 @@ rule evaluate:
         f"{RES}/eval/{{ref}}.parquet",
     log:
         f"{LOGS}/evaluate/{{ref}}.log",
+    benchmark:
+        f"{RES}/benchmarks/evaluate/{{ref}}.tsv"
     conda:
         eval_env
     params:

@@ -105,19 +105,28 @@ RESULT_COLUMNS = ("accuracy", "nll", "reverse_kl", "sampled_reward", "correct", 
                   "kl_sum_per_prompt", "kl_tokens_per_prompt")  # fmt: skip
 
 
-def identical_runs(evals: pl.DataFrame) -> list[tuple[list[str], list[int]]]:
-    """Groups of runs whose held-out results are equal, column by column and prompt by prompt, at
-    every checkpoint after their init (step > 0), with those steps. Two configurations that train to
-    the same exported bf16 weights land here; a page that listed them as separate findings without
-    saying so would count one measurement twice."""
+def identical_runs(evals: pl.DataFrame) -> list[tuple[list[str], list[int], list[int]]]:
+    """Groups of runs whose held-out results at their last checkpoint are equal, column by column and
+    prompt by prompt, with the checkpoints after the init at which every member's results are equal
+    and all those checkpoints. Two configurations that train to the same final bf16 weights land here
+    (their job lines and their init-vs-final geometry are one measurement); a page that listed them as
+    separate findings without saying so would count one measurement twice."""
     columns = [c for c in RESULT_COLUMNS if c in evals.columns]
-    by_results: dict[tuple, list[str]] = {}
+    results: dict[str, dict[int, str]] = {}
     for ref in sorted(evals["ref"].unique().to_list()):
         rows = evals.filter((pl.col("ref") == ref) & (pl.col("step") > 0)).sort("step")
-        if not rows.is_empty():
-            key = (tuple(rows["step"].to_list()), repr(rows.select(columns).rows()))
-            by_results.setdefault(key, []).append(ref)
-    return [(refs, list(key[0])) for key, refs in by_results.items() if len(refs) > 1]
+        results[ref] = {step: repr(row) for step, row in zip(rows["step"].to_list(), rows.select(columns).rows())}
+    by_last: dict[tuple, list[str]] = {}
+    for ref, per_step in results.items():
+        if per_step:
+            last = max(per_step)
+            by_last.setdefault((last, per_step[last]), []).append(ref)
+    groups = []
+    for refs in (refs for refs in by_last.values() if len(refs) > 1):
+        steps = sorted(set.intersection(*(set(results[ref]) for ref in refs)))
+        same = [s for s in steps if len({results[ref][s] for ref in refs}) == 1]
+        groups.append((refs, same, steps))
+    return groups
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -240,10 +249,12 @@ def findings(
         ["run entry", "method", "seeds", "accuracy, init", "accuracy, last", "change", "did its job"], job_rows
     )
 
-    twins = identical_runs(evals)
-    lines += ["Runs with identical held-out results (every metric and every prompt's parts, at every checkpoint "
-              "after the init): " + ("; ".join(f"{', '.join(refs)} (steps {', '.join(map(str, steps))})"
-                                               for refs, steps in twins) or "none") + ".", ""]  # fmt: skip
+    twins = "; ".join(
+        f"{', '.join(refs)} (identical at steps {', '.join(map(str, same))} of {', '.join(map(str, steps))})"
+        for refs, same, steps in identical_runs(evals)
+    )
+    lines += ["Runs with identical held-out results at their last checkpoint (every metric and every "
+              f"prompt's parts): {twins or 'none'}.", ""]  # fmt: skip
 
     # ---- per-checkpoint metrics
     lines += ["## Held-out metrics per checkpoint (mean over seeds [t interval])", ""]
