@@ -101,7 +101,7 @@ def _evaluate(args) -> None:
         args.ref, _checkpoints(args), args.eval_data, args.domain, args.max_new_tokens, args.batch_size,
         teacher=args.teacher, temperature=args.temperature,
         chat=args.prompt_format == "chat", teacher_chat=args.teacher_prompt_format == "chat", engine=args.engine,
-        samples=args.samples,
+        samples=args.samples, cache=args.cache,
     )  # fmt: skip
     write_parquet(table, args.out)
 
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-format", choices=["raw", "chat"], default="raw", help="how the evaluated model reads")
     p.add_argument("--teacher-prompt-format", choices=["raw", "chat"], default="raw", help="how the teacher reads")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="who decodes the greedy answers")
+    p.add_argument("--cache", type=Path, help="reuse results of checkpoints evaluated before (folder; default: none)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_evaluate)
 

@@ -28,6 +28,7 @@ import polars as pl
 import torch
 
 from opdgeom.device import local_device
+from opdgeom.eval_cache import EvalCache, path_digest
 from opdgeom.logprobs import DEFAULT_CHUNK_TOKENS, final_hidden_states, token_logprobs
 from opdgeom.models import load_model, load_tokenizer
 from opdgeom.rollout import HFEngine
@@ -203,28 +204,46 @@ def evaluate_checkpoints(
     teacher_chat: bool = False,
     engine: str = "hf",
     samples: int = 1,
+    cache: str | Path | None = None,
 ) -> pl.DataFrame:
     """One row per checkpoint: ref, step, tokens, domain, accuracy, n, mean_completion_tokens, nll,
     correct (list of 0/1 per held-out prompt) and, with ``teacher``, reverse_kl and sampled_reward on
-    ``samples`` completions per prompt, with their per-prompt parts."""
+    ``samples`` completions per prompt, with their per-prompt parts.
+    ``cache``: a folder of results addressed by content (opdgeom.eval_cache); a checkpoint evaluated
+    before with the same data, teacher and settings (a run's init, shared by every run from it) is read
+    back instead of evaluated again."""
     examples = read_jsonl(eval_data)
     task = get_task(domain)
+    device = local_device()
     teacher_model = None
     if teacher is not None:
-        device = local_device()
         model = load_model(teacher, dtype=eval_dtype(device), device=device).eval().requires_grad_(False)
         teacher_model = Teacher(model, PromptFormat(load_tokenizer(teacher), teacher_chat))
+    store = EvalCache(cache) if cache is not None else None
+    settings = {
+        "eval_data": path_digest(eval_data), "domain": domain, "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size, "teacher": path_digest(teacher) if teacher is not None else None,
+        "temperature": temperature, "chat": chat, "teacher_chat": teacher_chat, "engine": engine,
+        "samples": samples, "kl_seed": KL_SEED, "device": device.type, "torch": torch.__version__,
+    } if store is not None else {}  # fmt: skip
     rows = []
     for ckpt in checkpoints:
         t0 = time.perf_counter()
-        result = checkpoint_metrics(
-            ckpt["path"], examples, task, max_new_tokens, batch_size, teacher_model, temperature, chat, engine, samples
-        )
+        key = store.key(path_digest(ckpt["path"]), settings) if store is not None else None
+        result = store.get(key) if store is not None else None
+        cached = result is not None
+        if not cached:
+            result = checkpoint_metrics(
+                ckpt["path"], examples, task, max_new_tokens, batch_size, teacher_model, temperature, chat, engine,
+                samples,
+            )  # fmt: skip
+            if store is not None:
+                store.put(key, result)
         rows.append({"ref": ref, "step": ckpt["step"], "tokens": ckpt.get("tokens", 0), "domain": domain, **result})
         kl = f" reverse KL {result['reverse_kl']:.4f}" if "reverse_kl" in result else ""
         print(
             f"{ref} step {ckpt['step']}: accuracy {result['accuracy']:.3f} on {result['n']}, "
-            f"NLL {result['nll']:.4f}{kl} ({time.perf_counter() - t0:.1f}s)",
+            f"NLL {result['nll']:.4f}{kl} ({time.perf_counter() - t0:.1f}s{', cached' if cached else ''})",
             file=sys.stderr,
             flush=True,
         )

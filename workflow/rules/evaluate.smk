@@ -18,10 +18,11 @@ rule evaluate:
         temperature=STUDY.train_defaults["temperature"],
         samples=STUDY.evaluate.get("samples", 1),
         engine=STUDY.evaluate.get("engine", "hf"),
+        cache=CACHE,
         formats=lambda wc: f"--prompt-format {STUDY.prompt_format(wc.ref)} "
         f"--teacher-prompt-format {STUDY.prompt_format(eval_teacher(wc.ref))}",
     shell:
         "python -m opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
         "--domain {params.domain} --max-new-tokens {params.max_new_tokens} "
         "--batch-size {params.batch_size} --teacher {params.teacher} --temperature {params.temperature} --samples {params.samples} {params.formats} --engine {params.engine} "
-        "--out {output} 2> {log}"
+        "--cache {params.cache} --out {output} 2> {log}"
