@@ -1,10 +1,10 @@
-"""The per-checkpoint reverse-KL and sampled-reward metrics against float64 hand computations."""
+"""The per-checkpoint NLL, reverse-KL and sampled-reward metrics against float64 hand computations."""
 
 import pytest
 import torch
 
-from opdgeom.evaluate import KL_SEED, Teacher, reverse_kl_rows, sampled_metrics
-from opdgeom.models import build_model
+from opdgeom.evaluate import KL_SEED, Teacher, checkpoint_metrics, reverse_kl_rows, sampled_metrics
+from opdgeom.models import build_model, load_model, save_model
 from opdgeom.rollout import HFEngine
 from opdgeom.tasks.base import Example
 from opdgeom.tokenizer import build_char_tokenizer
@@ -84,3 +84,25 @@ def test_sampled_metrics_per_prompt_parts_match_a_float64_hand_computation():
     with pytest.raises(ValueError, match="samples must be >= 1"):
         sampled_metrics(student, tok, Teacher(teacher, PromptFormat(tok, False)), _LengthTask(), examples, prompts,
                         12, 1.0, 0, 4)  # fmt: skip
+
+
+def test_held_out_nll_and_its_per_prompt_parts_match_a_float64_hand_computation(tmp_path):
+    tok = build_char_tokenizer()
+    save_model(build_model(SPEC, tok, seed=0), tok, tmp_path / "ckpt")
+    examples = [Example("Q: 1+2=?\nA: ", "1+2=3 #### 3", "3"), Example("Q: 9*9=?\nA: ", "81", "81"),
+                Example("Q: 4=?\nA: ", "4;5*6=30 #### 30", "30")]  # fmt: skip
+    # batch size 2: the rows of a batch have different lengths, and a batch boundary falls between prompts
+    got = checkpoint_metrics(tmp_path / "ckpt", examples, _LengthTask(), 6, 2)
+    reference = load_model(tmp_path / "ckpt", dtype=torch.float64, device=torch.device("cpu")).eval()  # as saved
+    sums, tokens = [], []
+    for e in examples:
+        p, c = encode_prompt(tok, e.prompt), encode_completion(tok, e.completion)
+        with torch.no_grad():
+            logp = torch.log_softmax(reference(torch.tensor([p + c])).logits, -1)[0]
+        sums.append(-sum(logp[len(p) + j - 1, t].item() for j, t in enumerate(c)))
+        tokens.append(len(c))
+    assert got["nll_tokens_per_prompt"] == tokens
+    # the checkpoint is evaluated in fp32 on CPU: float32 agreement with the float64 reference
+    assert got["nll_sum_per_prompt"] == pytest.approx(sums, rel=1e-5)
+    assert got["nll"] == pytest.approx(sum(sums) / sum(tokens), rel=1e-5)
+    assert got["nll"] == pytest.approx(sum(got["nll_sum_per_prompt"]) / sum(tokens), rel=1e-12)

@@ -4,6 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from opdgeom import stats
 from opdgeom.figures import FIGURES
 
 
@@ -169,11 +170,20 @@ def test_one_seed_jobs_are_decided_by_a_paired_bootstrap_over_prompts(tmp_path):
         paths.append(tmp_path / "eval" / f"{ref}.parquet")
         table.write_parquet(paths[-1])
     paths += _write_geometry(tmp_path, {r: 0.5 for r in tables})
-    tables["sft"] = _eval("sft", [(0, anchor, 2.0, 0, 0), (10, anchor, 1.0, 0, 0)])  # NLL: no per-prompt parts
-    paths.append(tmp_path / "eval" / "sft.parquet")
-    tables["sft"].write_parquet(paths[-1])
-    paths += _write_geometry(tmp_path, {"sft": 0.5})
-    methods = {"opd": "opd", "rlvr": "rlvr", "mix.s0": "mix", "mix.s1": "mix", "sft": "sft"}
+    tables["sft"] = _eval("sft", [(0, anchor, 2.0, 0, 0), (10, anchor, 1.0, 0, 0)])  # written before NLL parts
+    # NLL parts: per prompt a summed NLL over 5 demonstration tokens; lower on 39 prompts, higher on one
+    nll0 = 2.0 + rng.random(n)
+    nll1 = nll0 - np.where(np.arange(n) == 0, -0.5, 0.3)
+    tables["sft.parts"] = _eval("sft.parts", [(0, anchor, 0, 0, 0), (10, anchor, 0, 0, 0)]).with_columns(
+        nll=pl.Series([nll0.mean(), nll1.mean()]),
+        nll_sum_per_prompt=pl.Series([list(5 * nll0), list(5 * nll1)], dtype=pl.List(pl.Float64)),
+        nll_tokens_per_prompt=pl.Series([[5] * n] * 2, dtype=pl.List(pl.Int64)),
+    )
+    for ref in ("sft", "sft.parts"):
+        paths.append(tmp_path / "eval" / f"{ref}.parquet")
+        tables[ref].write_parquet(paths[-1])
+    paths += _write_geometry(tmp_path, {"sft": 0.5, "sft.parts": 0.5})
+    methods = {"opd": "opd", "rlvr": "rlvr", "mix.s0": "mix", "mix.s1": "mix", "sft": "sft", "sft.parts": "sft"}
     text = FIGURES["findings"](
         paths, tmp_path / "findings", methods=methods, references={}, inits={r: "sft" for r in methods},
         train={r: {"lr": 1e-4, "steps": 10} for r in methods},
@@ -190,6 +200,10 @@ def test_one_seed_jobs_are_decided_by_a_paired_bootstrap_over_prompts(tmp_path):
     assert "over prompts -0.0050 [-0.0050, -0.0050]" in mix
     sft = next(line for line in lines if line.startswith("| sft | sft | 1 |"))
     assert "held-out NLL lower: one seed, no interval: lower (change -1.0000)" in sft
+    parts = next(line for line in lines if line.startswith("| sft.parts | sft | 1 |"))
+    change = (nll1 - nll0).mean()
+    boot = stats.bootstrap_statistic(lambda a, b: float((b - a).mean()), [nll0[None], nll1[None]])
+    assert boot.hi < 0 and f"held-out NLL lower: yes (change {change:.4f}; over prompts {boot.format(4)})" in parts
 
 
 def test_runs_with_identical_held_out_results_are_named(tmp_path):

@@ -24,7 +24,7 @@ import blake3
 from opdgeom.io import write_bytes
 
 # Bump whenever an evaluation metric's definition or numerics change: old entries stop matching.
-CODE_VERSION = "opdgeom-eval-1"
+CODE_VERSION = "opdgeom-eval-2"
 SUBDIR = "eval"
 _CHUNK_BYTES = 1 << 24
 

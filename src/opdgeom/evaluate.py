@@ -11,8 +11,9 @@
   quantity (log pi_student(y_t) - log pi_teacher(y_t)); summing over the vocabulary removes the
   variance of the sampled token, which on 512 prompts was as large as the changes being measured.
 
-Both sampled metrics also keep their per-prompt parts (``reward_per_prompt``, ``kl_sum_per_prompt``,
-``kl_tokens_per_prompt``) so that a change between two checkpoints can be bootstrapped over prompts.
+The NLL and both sampled metrics also keep their per-prompt parts (``nll_sum_per_prompt``,
+``nll_tokens_per_prompt``, ``reward_per_prompt``, ``kl_sum_per_prompt``, ``kl_tokens_per_prompt``) so
+that a change between two checkpoints can be bootstrapped over prompts.
 With one sample per prompt a reward near 0.5 has a standard error of 0.022 on 512 prompts, as large
 as the changes the tiny study measures; ``samples`` draws more per prompt (same prompts, same seed).
 """
@@ -125,7 +126,8 @@ def checkpoint_metrics(
     engine: str = "hf",
     samples: int = 1,
 ) -> dict:
-    """Greedy accuracy (and per-prompt ``correct``), held-out NLL and, given a teacher, reverse KL.
+    """Greedy accuracy (and per-prompt ``correct``), held-out NLL (and each prompt's summed NLL and token
+    count) and, given a teacher, reverse KL.
     ``chat``: the checkpoint is an instruct model prompted with its chat template (a hub teacher).
     ``engine="vllm"``: the greedy answers come from a vLLM engine (hub families); the teacher-forced
     scores and the reverse-KL samples stay on transformers. ``samples``: completions per prompt of the
@@ -140,13 +142,15 @@ def checkpoint_metrics(
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     correct = [int(task.verify(text, e.answer)) for text, e in zip(texts, examples)]
     demos = [encode_completion(tokenizer, e.completion) for e in examples]
-    nll = torch.cat(completion_logprobs(model, prompts, demos, tokenizer.pad_token_id, batch_size))
+    logp_rows = completion_logprobs(model, prompts, demos, tokenizer.pad_token_id, batch_size)
     result = {
         "accuracy": sum(correct) / len(correct),
         "n": len(correct),
         "mean_completion_tokens": sum(map(len, completion_ids)) / len(correct),
-        "nll": -nll.double().mean().item(),
+        "nll": -torch.cat(logp_rows).double().mean().item(),
         "correct": correct,
+        "nll_sum_per_prompt": [-logp_T.double().sum().item() for logp_T in logp_rows],
+        "nll_tokens_per_prompt": [logp_T.numel() for logp_T in logp_rows],
     }
     if teacher is not None:
         sampled = sampled_metrics(
@@ -207,8 +211,8 @@ def evaluate_checkpoints(
     cache: str | Path | None = None,
 ) -> pl.DataFrame:
     """One row per checkpoint: ref, step, tokens, domain, accuracy, n, mean_completion_tokens, nll,
-    correct (list of 0/1 per held-out prompt) and, with ``teacher``, reverse_kl and sampled_reward on
-    ``samples`` completions per prompt, with their per-prompt parts.
+    correct (list of 0/1 per held-out prompt), nll_sum_per_prompt, nll_tokens_per_prompt and, with
+    ``teacher``, reverse_kl and sampled_reward on ``samples`` completions per prompt, with their per-prompt parts.
     ``cache``: a folder of results addressed by content (opdgeom.eval_cache); a checkpoint evaluated
     before with the same data, teacher and settings (a run's init, shared by every run from it) is read
     back instead of evaluated again."""
@@ -247,6 +251,7 @@ def evaluate_checkpoints(
             file=sys.stderr,
             flush=True,
         )
-    lists = {"correct": pl.List(pl.Int8), "reward_per_prompt": pl.List(pl.Float64),
+    lists = {"correct": pl.List(pl.Int8), "nll_sum_per_prompt": pl.List(pl.Float64),
+             "nll_tokens_per_prompt": pl.List(pl.Int64), "reward_per_prompt": pl.List(pl.Float64),
              "kl_sum_per_prompt": pl.List(pl.Float64), "kl_tokens_per_prompt": pl.List(pl.Int64)}  # fmt: skip
     return pl.DataFrame(rows, schema_overrides={"tokens": pl.Int64, **{k: v for k, v in lists.items() if k in rows[0]}})

@@ -77,6 +77,7 @@ def _verdict(ci: Interval, sign: int) -> str:
 
 # metric -> the per-prompt columns of the eval table it is a statistic of, and that statistic
 PER_PROMPT = {
+    "nll": (("nll_sum_per_prompt", "nll_tokens_per_prompt"), lambda nll_SN, tok_SN: nll_SN.sum(-1) / tok_SN.sum(-1)),
     "reverse_kl": (("kl_sum_per_prompt", "kl_tokens_per_prompt"), lambda kl_SN, tok_SN: kl_SN.sum(-1) / tok_SN.sum(-1)),
     "sampled_reward": (("reward_per_prompt",), lambda reward_SN: reward_SN.mean(-1)),
 }
@@ -86,8 +87,6 @@ def _prompt_change(first: list[pl.DataFrame], last: list[pl.DataFrame], metric: 
     """Seed-mean change of ``metric`` from each run's first to last checkpoint, with a paired bootstrap
     over prompts (the same resampled prompts for every seed and both checkpoints); None without the
     per-prompt columns."""
-    if metric not in PER_PROMPT:
-        return None  # e.g. NLL of the demonstrations: no per-prompt parts are kept
     columns, statistic = PER_PROMPT[metric]
     if not all(c in row.columns and row[c][0] is not None for row in first + last for c in columns):
         return None  # tables written before the per-prompt parts existed
@@ -101,8 +100,9 @@ def _prompt_change(first: list[pl.DataFrame], last: list[pl.DataFrame], metric: 
 
 
 # every held-out result of a checkpoint, down to each prompt's parts
-RESULT_COLUMNS = ("accuracy", "nll", "reverse_kl", "sampled_reward", "correct", "reward_per_prompt",
-                  "kl_sum_per_prompt", "kl_tokens_per_prompt")  # fmt: skip
+RESULT_COLUMNS = ("accuracy", "nll", "reverse_kl", "sampled_reward", "correct", "nll_sum_per_prompt",
+                  "nll_tokens_per_prompt", "reward_per_prompt", "kl_sum_per_prompt",
+                  "kl_tokens_per_prompt")  # fmt: skip
 
 
 def identical_runs(evals: pl.DataFrame) -> list[tuple[list[str], list[int], list[int]]]:
