@@ -11,6 +11,7 @@ from opdgeom.logprobs import token_logprobs
 from opdgeom.models import build_model, save_model
 from opdgeom.tokens import encode_completion, encode_prompt, pack
 from opdgeom.train.batches import TokenBatch
+from opdgeom.train.distributed import SINGLE
 from opdgeom.train.teacher import TeacherScorer
 
 from conftest import TINY
@@ -58,7 +59,7 @@ def student_batch(student_tok, prompts, answers):
 
 def test_chat_teacher_scores_in_its_own_format_at_the_students_positions(pair):
     student_tok, teacher, teacher_dir = pair
-    scorer = TeacherScorer(teacher, student_tok, teacher_dir, "chat", max_tokens=None)
+    scorer = TeacherScorer(teacher, student_tok, teacher_dir, "chat", max_tokens=None, world=SINGLE)
     prompts, answers = ["2+3=?", "Add 10 and 7."], ["5", "The sum is 17."]
     prompt_ids, completion_ids, batch = student_batch(student_tok, prompts, answers)
     assert completion_ids[0][-1] == student_tok.convert_tokens_to_ids("<|endoftext|>")
@@ -83,7 +84,7 @@ def test_a_teacher_in_the_students_format_scores_the_students_rows(pair):
     student_tok, teacher, teacher_dir = pair
     raw_dir = teacher_dir.parent / "raw_teacher"
     save_model(teacher.float(), student_tok, raw_dir)
-    scorer = TeacherScorer(teacher, student_tok, raw_dir, "raw", max_tokens=None)
+    scorer = TeacherScorer(teacher, student_tok, raw_dir, "raw", max_tokens=None, world=SINGLE)
     assert scorer.same_format
     prompt_ids, completion_ids, batch = student_batch(student_tok, ["1+1=?"], ["2"])
     got = scorer(["1+1=?"], prompt_ids, completion_ids, batch)
@@ -99,7 +100,7 @@ def test_a_teacher_with_another_vocabulary_is_refused_by_name(pair, tmp_path):
     char = build_char_tokenizer()
     save_model(build_model(TINY, char, seed=0), char, other)
     with pytest.raises(ValueError, match=f"{other}: the teacher's tokenizer differs from the student's"):
-        TeacherScorer(teacher, student_tok, other, "chat", max_tokens=None)
+        TeacherScorer(teacher, student_tok, other, "chat", max_tokens=None, world=SINGLE)
 
 
 def test_evaluations_reverse_kl_reads_a_chat_teacher_like_training_does(pair):
@@ -110,7 +111,7 @@ def test_evaluations_reverse_kl_reads_a_chat_teacher_like_training_does(pair):
     student_tok, teacher, teacher_dir = pair
     prompts, answers = ["2+3=?", "Add 10 and 7."], ["5", "The sum is 17."]
     prompt_ids, completion_ids, batch = student_batch(student_tok, prompts, answers)
-    scorer = TeacherScorer(teacher, student_tok, teacher_dir, "chat", max_tokens=None)
+    scorer = TeacherScorer(teacher, student_tok, teacher_dir, "chat", max_tokens=None, world=SINGLE)
     trained_BT = scorer(prompts, prompt_ids, completion_ids, batch)
     fmt = PromptFormat(scorer.tokenizer, chat=True)
     rows = ([fmt.prompt(p) for p in prompts], [fmt.completion(c, student_tok.eos_token_id) for c in completion_ids])
@@ -122,7 +123,7 @@ def test_evaluations_reverse_kl_reads_a_chat_teacher_like_training_does(pair):
 def test_a_raw_teacher_with_its_own_eos_reads_raw_prompts(pair):
     """Raw format but another EOS: the teacher reads the student's raw prompt, never its chat template."""
     student_tok, teacher, teacher_dir = pair
-    scorer = TeacherScorer(teacher, student_tok, teacher_dir, "raw", max_tokens=None)
+    scorer = TeacherScorer(teacher, student_tok, teacher_dir, "raw", max_tokens=None, world=SINGLE)
     assert not scorer.same_format
     prompt_ids, completion_ids, _ = student_batch(student_tok, ["2+3=?"], ["5"])
     teacher_prompts, completions = scorer.teacher_rows(["2+3=?"], completion_ids)

@@ -294,6 +294,7 @@ def test_engine_teacher_matches_the_transformers_teacher(world, student_engine, 
     (the only positions OPD reads), so the advantage A_t = -(log pi_s - log pi_t) is the same."""
     from opdgeom.rollout.colocate import engine_teacher
     from opdgeom.train.batches import TokenBatch
+    from opdgeom.train.distributed import SINGLE
     from opdgeom.train.methods import score
 
     rollouts = student_engine.sample(world.prompts, MAX_NEW, temperature=1.0, seed=4)
@@ -302,7 +303,7 @@ def test_engine_teacher_matches_the_transformers_teacher(world, student_engine, 
     batch = TokenBatch(packed["input_ids"], packed["attention_mask"], mask_BT, torch.tensor(1.0))
     batch.extra = {"completion_mask_BT": mask_BT}
     ours_BT = engine_teacher(teacher_engine)(batch)
-    reference_BT = score(world.teacher, batch, None)
+    reference_BT = score(world.teacher, batch, None, SINGLE)
     gap = ((ours_BT - reference_BT).abs() * mask_BT).max().item()
     assert gap < LOGP_TOL, f"engine teacher differs by {gap:.2e}"
     assert (ours_BT[mask_BT == 0] == 0).all()

@@ -9,6 +9,7 @@ from functools import lru_cache
 import torch
 
 from opdgeom.logprobs import token_logprobs
+from opdgeom.train.distributed import World, global_max
 
 
 def epoch_batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -90,12 +91,23 @@ class TokenBatch:
             groups[largest : largest + 1] = [groups[largest][:half], groups[largest][half:]]
         return groups
 
+    def micro_batches(self, max_tokens: int | None, world: World) -> list[list[int]]:
+        """:meth:`split` into as many groups as the rank of ``world`` that needs the most.
+
+        Every forward (and backward) pass through an FSDP-sharded model all-gathers its layers, so a
+        rank that ran fewer passes would leave the others waiting in a collective until the timeout.
+        Every multi-pass loop over a step's rows (the loss, and each scoring pass) splits this way."""
+        groups = self.split(max_tokens)
+        return self.split(max_tokens, n_parts=global_max(len(groups), world))
+
 
 @torch.no_grad()
-def score(model, batch: TokenBatch, max_tokens: int | None) -> torch.Tensor:
-    """log pi(y_t) of every position of ``batch`` under ``model``, micro-batch by micro-batch: (B, T-1)."""
+def score(model, batch: TokenBatch, max_tokens: int | None, world: World) -> torch.Tensor:
+    """log pi(y_t) of every position of ``batch`` under ``model``, micro-batch by micro-batch: (B, T-1).
+
+    ``world``: the ranks that hold ``model`` (sharded); each runs the same number of passes."""
     out_BT = torch.zeros(batch.target_mask_BT.shape, dtype=torch.float32, device=batch.input_ids_BT.device)
-    for rows in batch.split(max_tokens):
+    for rows in batch.micro_batches(max_tokens, world):
         micro = batch.select(rows)
         logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
         out_BT[rows, : logp_BT.shape[1]] = logp_BT.float()

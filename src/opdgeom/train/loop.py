@@ -26,7 +26,7 @@ from opdgeom.train.checkpoint import (
     read_meta,
     save_trainer_state,
 )
-from opdgeom.train.distributed import SINGLE, World, full_tensor, global_max
+from opdgeom.train.distributed import SINGLE, World, full_tensor
 
 __all__ = ["NonFiniteError", "STATE_DIR", "log", "lr_lambda", "train"]
 
@@ -97,9 +97,7 @@ def train(
         batch = method.batch(model, step)
         t_batch = time.perf_counter() - t0
         optimizer.zero_grad(set_to_none=True)
-        # Ranks of one FSDP job must run the same number of forward/backward passes.
-        groups = batch.split(settings.micro_batch_tokens)
-        groups = batch.split(settings.micro_batch_tokens, n_parts=global_max(len(groups), world))
+        groups = batch.micro_batches(settings.micro_batch_tokens, world)  # as many on every rank
         sums: dict[str, torch.Tensor] = defaultdict(float)
         for rows in groups:
             loss, micro_sums = method.loss(model, batch.select(rows))

@@ -169,7 +169,7 @@ class PolicyGradientMethod:
         batch.extra = {"completion_mask_BT": completion_mask_BT, "rewards_B": rewards_B}
         batch.extra["rollout_tokens_B"] = torch.tensor([len(c) for c in rollouts.completion_ids], device=world.device)
         if not self.behaviour.on_policy:
-            batch.extra["behaviour_logp_BT"] = score(sampler, batch, s.micro_batch_tokens)
+            batch.extra["behaviour_logp_BT"] = score(sampler, batch, s.micro_batch_tokens, world)
         if self.uses_teacher:
             prompts = [self.examples[i].prompt for i in rows]
             batch.extra["teacher_logp_BT"] = self.teacher(prompts, rollouts.prompt_ids, rollouts.completion_ids, batch)
@@ -187,7 +187,7 @@ class PolicyGradientMethod:
         world, mask_BT = self.world, batch.target_mask_BT
         generator = torch.Generator().manual_seed((self.seed * 104_729 + step) * world.size + world.rank)
         if self.token_mask.select == "top":
-            policy_logp_BT = score(model, batch, self.settings.micro_batch_tokens)
+            policy_logp_BT = score(model, batch, self.settings.micro_batch_tokens, world)
             scores_BT = -opd_advantages(policy_logp_BT, batch.extra["teacher_logp_BT"])
         else:
             scores_BT = mask_BT

@@ -167,7 +167,7 @@ def make_method(run: RunSpec, tokenizer, examples, init: Path, teacher_path, see
     elif teacher_path:
         teacher_model = load_frozen(teacher_path, run.train, world)
         teacher = TeacherScorer(
-            teacher_model, tokenizer, teacher_path, run.teacher_prompt_format, run.train.micro_batch_tokens
+            teacher_model, tokenizer, teacher_path, run.teacher_prompt_format, run.train.micro_batch_tokens, world
         )
     return PolicyGradientMethod(
         tokenizer,

@@ -18,12 +18,21 @@ import torch
 from opdgeom.models import load_tokenizer
 from opdgeom.tokens import PromptFormat, pack
 from opdgeom.train.batches import TokenBatch, score
+from opdgeom.train.distributed import World
 
 PROMPT_FORMATS = ("raw", "chat")
 
 
 class TeacherScorer:
-    def __init__(self, model, student_tokenizer, teacher_dir: Path, prompt_format: str, max_tokens: int | None):
+    def __init__(
+        self,
+        model,
+        student_tokenizer,
+        teacher_dir: Path,
+        prompt_format: str,
+        max_tokens: int | None,
+        world: World,
+    ):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"teacher prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         teacher_tokenizer = load_tokenizer(teacher_dir)
@@ -39,6 +48,7 @@ class TeacherScorer:
         self.format = PromptFormat(teacher_tokenizer, chat=prompt_format == "chat")
         self.student_stop = student_tokenizer.eos_token_id
         self.max_tokens = max_tokens
+        self.world = world  # the ranks the teacher is sharded over
 
     @property
     def same_format(self) -> bool:
@@ -53,14 +63,14 @@ class TeacherScorer:
     def __call__(self, prompts: list[str], prompt_ids, completion_ids, batch: TokenBatch) -> torch.Tensor:
         """(B, T-1) log-probs at the student batch's positions (zero outside the completions)."""
         if self.same_format:
-            return score(self.model, batch, self.max_tokens)
+            return score(self.model, batch, self.max_tokens, self.world)
         teacher_prompts, completions = self.teacher_rows(prompts, completion_ids)
         rows = {
             k: v.to(batch.input_ids_BT.device)
             for k, v in pack(teacher_prompts, completions, self.tokenizer.pad_token_id).items()
         }
         teacher_batch = TokenBatch(rows["input_ids"], rows["attention_mask"], rows["target_mask"], batch.normalizer)
-        teacher_logp_BT = score(self.model, teacher_batch, self.max_tokens)
+        teacher_logp_BT = score(self.model, teacher_batch, self.max_tokens, self.world)
         out_BT = torch.zeros_like(batch.target_mask_BT, dtype=torch.float32)
         for i, (student_prompt, teacher_prompt, completion) in enumerate(zip(prompt_ids, teacher_prompts, completions)):
             s, t, n = len(student_prompt) - 1, len(teacher_prompt) - 1, len(completion)
