@@ -7,20 +7,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from opdgeom.figures.style import legend_below, new_grid, run_styles, save
-from opdgeom.figures.tables import (
-    GEOMETRY_COLUMNS,
-    check_methods,
-    layer_matrices,
-    metric_rows,
-    module_order,
-    read_tables,
-    require_runs,
-    run_order,
-    select_runs,
-    summarise,
-    write_csv,
-)
+from opdgeom.figures.frame import Frame
+from opdgeom.figures.style import legend_below, new_grid, save
+from opdgeom.figures.tables import module_order, run_order, summarise, write_csv
 
 NAME = "drift"
 METRIC = "spectral_shift"
@@ -41,26 +30,21 @@ def drift_figure(
     matrices over all layers; with the median, whiskers span the interquartile range.
     CSV: run, method, module, metric, summary, value, q25, q75, n_matrices, n_nan.
     """
-    methods = check_methods(NAME, methods)
-    runs = select_runs(NAME, methods, runs)
-    table = read_tables(NAME, inputs, GEOMETRY_COLUMNS)
-    require_runs(NAME, table, runs)
-    rows = layer_matrices(metric_rows(NAME, table, METRIC, runs))
-    if rows.is_empty():
-        raise ValueError(f"{NAME}: metric {METRIC!r} has no per-layer matrix rows in the input tables")
+    frame = Frame.open(NAME, inputs, methods, runs)
+    runs = frame.runs
+    rows = frame.matrices(METRIC)
     modules = module_order(rows["module"].unique().to_list())
     per_module = summarise(rows, ["run", "module"], summary)
     overall = summarise(rows.with_columns(module=pl.lit(ALL)), ["run", "module"], summary)
     groups = [*modules, ALL]
     data = (
-        pl.concat([per_module, overall], how="vertical_relaxed")
-        .with_columns(method=pl.col("run").replace_strict(methods), metric=pl.lit(METRIC), summary=pl.lit(summary))
+        frame.with_method(pl.concat([per_module, overall], how="vertical_relaxed"), metric=METRIC, summary=summary)
         .sort(run_order(runs), pl.col("module").replace_strict({m: i for i, m in enumerate(groups)}))
         .select("run", "method", "module", "metric", "summary", "value", "q25", "q75", "n_matrices", "n_nan")
     )
     write_csv(data, out_prefix)
 
-    styles = run_styles(methods, runs)
+    styles = frame.styles()
     fig, axes = new_grid(1, 1, height_in=2.8)
     ax = axes[0][0]
     width = 0.8

@@ -11,20 +11,9 @@ import polars as pl
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from opdgeom.figures.style import new_grid, run_styles, save
-from opdgeom.figures.tables import (
-    GEOMETRY_COLUMNS,
-    check_methods,
-    layer_matrices,
-    metric_rows,
-    module_order,
-    read_tables,
-    require_runs,
-    run_order,
-    select_runs,
-    weighted_mean,
-    write_csv,
-)
+from opdgeom.figures.frame import Frame
+from opdgeom.figures.style import new_grid, save
+from opdgeom.figures.tables import module_order, run_order, weighted_mean, write_csv
 
 NAME = "heatmap"
 SHORT = {
@@ -61,22 +50,18 @@ def heatmap_figure(
     A cell holding several tensors shows their parameter-weighted mean.
     CSV: run, method, metric, layer, module, value.
     """
-    methods = check_methods(NAME, methods)
-    runs = select_runs(NAME, methods, runs)
     metrics = list(metrics or PANELS)
     unknown = [m for m in metrics if m not in PANELS]
     if unknown:
         raise ValueError(f"{NAME}: unknown metric(s) {unknown} in option 'metrics'; choose from {list(PANELS)}")
-    table = read_tables(NAME, inputs, GEOMETRY_COLUMNS)
-    require_runs(NAME, table, runs)
+    frame = Frame.open(NAME, inputs, methods, runs)
+    runs = frame.runs
     parts = []
     for shown in metrics:
         source, transform, *_ = PANELS[shown]
-        rows = layer_matrices(metric_rows(NAME, table, source, runs))
-        if rows.is_empty():
-            raise ValueError(f"{NAME}: metric {source!r} has no per-layer matrix rows in the input tables")
         cells = (
-            rows.with_columns(value=transform(pl.col("value")).fill_nan(None))
+            frame.matrices(source)
+            .with_columns(value=transform(pl.col("value")).fill_nan(None))
             .group_by("run", "layer", "module")
             .agg(value=weighted_mean())
         )
@@ -84,7 +69,7 @@ def heatmap_figure(
     data = pl.concat(parts, how="vertical_relaxed")
     modules = module_order(data["module"].unique().to_list())
     data = (
-        data.with_columns(method=pl.col("run").replace_strict(methods))
+        frame.with_method(data)
         .sort(
             pl.col("metric").replace_strict({m: i for i, m in enumerate(metrics)}),
             run_order(runs),
@@ -103,7 +88,7 @@ def heatmap_figure(
     panel_h = max(1.2, 0.5 + 0.045 * len(layers))
     nrows = rows_per_metric * len(metrics)
     fig, axes = new_grid(nrows, ncols, height_in=0.5 + panel_h * nrows)
-    styles = run_styles(methods, runs)
+    styles = frame.styles()
     labels = [SHORT.get(m, m) for m in modules]
     for b, shown in enumerate(metrics):
         _, _, bar_label, cmap = PANELS[shown]

@@ -7,19 +7,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from opdgeom.figures.style import legend_below, new_grid, run_styles, save
-from opdgeom.figures.tables import (
-    GEOMETRY_COLUMNS,
-    check_methods,
-    layer_matrices,
-    metric_rows,
-    read_tables,
-    require_runs,
-    run_order,
-    select_runs,
-    summarise,
-    write_csv,
-)
+from opdgeom.figures.frame import Frame
+from opdgeom.figures.style import legend_below, new_grid, save
+from opdgeom.figures.tables import run_order, summarise, write_csv
 
 NAME = "localization"
 PANELS = [
@@ -44,16 +34,14 @@ def localization_figure(
     ``alpha`` (required): mask fraction used by the diagnostics, the overlaps' random baseline (dashed).
     CSV: run, method, metric, value, baseline, n_matrices.
     """
-    methods = check_methods(NAME, methods)
-    runs = select_runs(NAME, methods, runs)
     if alpha is None:
         raise ValueError(f"{NAME}: option 'alpha' (mask fraction = random-overlap baseline) is required")
     alpha = float(alpha)
     if not 0 < alpha < 1:
         raise ValueError(f"{NAME}: option 'alpha' must lie in (0, 1), not {alpha}")
-    table = read_tables(NAME, inputs, GEOMETRY_COLUMNS)
-    require_runs(NAME, table, runs)
-    sparsity = metric_rows(NAME, table, "bf16_sparsity", runs, tensor="all:matrix")
+    frame = Frame.open(NAME, inputs, methods, runs)
+    runs = frame.runs
+    sparsity = frame.rows("bf16_sparsity", tensor="all:matrix")
     density = sparsity.select(
         "run",
         value=1 - pl.col("value"),
@@ -63,21 +51,19 @@ def localization_figure(
     )
     parts = [density]
     for metric, _ in PANELS[1:]:
-        rows = layer_matrices(metric_rows(NAME, table, metric, runs))
-        means = summarise(rows, ["run"], "weighted_mean")
+        means = summarise(frame.matrices(metric), ["run"], "weighted_mean")
         parts.append(
             means.select("run", "value", metric=pl.lit(metric), baseline=pl.lit(alpha), n_matrices="n_matrices")
         )
     order = {m: i for i, (m, _) in enumerate(PANELS)}
     data = (
-        pl.concat(parts, how="vertical_relaxed")
-        .with_columns(method=pl.col("run").replace_strict(methods))
+        frame.with_method(pl.concat(parts, how="vertical_relaxed"))
         .sort(pl.col("metric").replace_strict(order), run_order(runs))
         .select("run", "method", "metric", "value", "baseline", "n_matrices")
     )
     write_csv(data, out_prefix)
 
-    styles = run_styles(methods, runs)
+    styles = frame.styles()
     height = 1.4 + 0.16 * len(runs)
     fig, axes = new_grid(1, 3, height_in=height, sharey=True)
     y = np.arange(len(runs))

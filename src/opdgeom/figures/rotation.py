@@ -7,19 +7,9 @@ from pathlib import Path
 import polars as pl
 from matplotlib.ticker import MaxNLocator
 
-from opdgeom.figures.style import legend_below, new_grid, run_styles, save
-from opdgeom.figures.tables import (
-    GEOMETRY_COLUMNS,
-    check_methods,
-    layer_matrices,
-    metric_rows,
-    read_tables,
-    require_runs,
-    run_order,
-    select_runs,
-    summarise,
-    write_csv,
-)
+from opdgeom.figures.frame import Frame
+from opdgeom.figures.style import legend_below, new_grid, save
+from opdgeom.figures.tables import run_order, summarise, write_csv
 
 NAME = "rotation"
 
@@ -42,29 +32,23 @@ def rotation_figure(
     ("median", "mean", "max"); ``k``: the subspace size the tables were computed with (labels only).
     CSV: run, method, side, layer, metric, summary, value, q25, q75, n_matrices, n_nan.
     """
-    methods = check_methods(NAME, methods)
-    runs = select_runs(NAME, methods, runs)
     if statistic not in ("max", "mean"):
         raise ValueError(f"{NAME}: option 'statistic' must be 'max' or 'mean', not {statistic!r}")
-    table = read_tables(NAME, inputs, GEOMETRY_COLUMNS)
-    require_runs(NAME, table, runs)
+    frame = Frame.open(NAME, inputs, methods, runs)
+    runs = frame.runs
     parts = []
     for side in ("left", "right"):
         metric = f"principal_angle_{side}_{statistic}"
-        rows = layer_matrices(metric_rows(NAME, table, metric, runs))
-        if rows.is_empty():
-            raise ValueError(f"{NAME}: metric {metric!r} has no per-layer matrix rows in the input tables")
-        per_layer = summarise(rows, ["run", "layer"], summary)
+        per_layer = summarise(frame.matrices(metric), ["run", "layer"], summary)
         parts.append(per_layer.with_columns(side=pl.lit(side), metric=pl.lit(metric), summary=pl.lit(summary)))
     data = (
-        pl.concat(parts, how="vertical_relaxed")
-        .with_columns(method=pl.col("run").replace_strict(methods))
+        frame.with_method(pl.concat(parts, how="vertical_relaxed"))
         .sort(run_order(runs), "side", "layer")
         .select("run", "method", "side", "layer", "metric", "summary", "value", "q25", "q75", "n_matrices", "n_nan")
     )
     write_csv(data, out_prefix)
 
-    styles = run_styles(methods, runs)
+    styles = frame.styles()
     fig, axes = new_grid(1, 2, height_in=2.6, sharey=True)
     positive = data.filter(pl.col("value") > 0)
     for ax, side in zip(axes[0], ("left", "right")):

@@ -11,21 +11,9 @@ from pathlib import Path
 
 import polars as pl
 
+from opdgeom.figures.frame import Frame
 from opdgeom.figures.style import legend_below, legend_height, new_figure, run_styles, save
-from opdgeom.figures.tables import (
-    GEOMETRY_COLUMNS,
-    check_methods,
-    groups_of,
-    layer_matrices,
-    metric_rows,
-    over_seeds,
-    read_tables,
-    require_runs,
-    run_order,
-    select_runs,
-    summarise,
-    write_csv,
-)
+from opdgeom.figures.tables import GEOMETRY_COLUMNS, groups_of, over_seeds, run_order, summarise, write_csv
 
 
 @dataclass(frozen=True)
@@ -92,27 +80,18 @@ def trajectory_figure(
 
     ``k``: the diagnostics' subspace size K (labels only, fig5); ``log_y`` overrides the panel's y scale.
     """
-    methods = check_methods(name, methods)
-    runs = select_runs(name, methods, runs)
-    table = read_tables(name, inputs, (*GEOMETRY_COLUMNS, "step"))
-    require_runs(name, table, runs)
-    rows = layer_matrices(metric_rows(name, table, panel.metric, runs))
-    if rows.is_empty():
-        raise ValueError(f"{name}: metric {panel.metric!r} has no per-layer matrix rows in the input tables")
+    frame = Frame.open(name, inputs, methods, runs, columns=(*GEOMETRY_COLUMNS, "step"))
+    runs = frame.runs
+    per_step = summarise(frame.matrices(panel.metric), ["run", "step"], panel.summary)
     data = (
-        summarise(rows, ["run", "step"], panel.summary)
-        .with_columns(
-            method=pl.col("run").replace_strict(methods),
-            metric=pl.lit(panel.metric),
-            summary=pl.lit(panel.summary),
-        )
+        frame.with_method(per_step, metric=panel.metric, summary=panel.summary)
         .sort(run_order(runs), "step")
         .select("run", "method", "step", "metric", "summary", "value", "q25", "q75", "n_matrices", "n_nan")
     )
     write_csv(data, out_prefix)
 
     group_runs = groups_of(runs)
-    group_methods = {g: methods[rs[0]] for g, rs in group_runs.items()}
+    group_methods = {g: frame.methods[rs[0]] for g, rs in group_runs.items()}
     styles = run_styles(group_methods)
     fig, ax = new_figure(height_in=2.3 + legend_height([f"{g} (3 seeds)" for g in group_runs]))
     seeded = over_seeds(data, ["step"]).sort("step")
