@@ -3,14 +3,35 @@
 # weights from the config, no hub) through the training code's FSDP2 bf16 + activation-checkpointing
 # path, printing tokens/s per phase and peak memory next to the memory plan's prediction; then the
 # plans of the 8B families on 8 x 80 GB. Record the numbers in benchmarks/RESULTS.md.
-# Without a GPU it says so and exits 0. Extra arguments go to the benchmark (e.g. --layers 8).
+# Extra arguments go to the benchmark (e.g. --layers 8).
+#
+# Exit status: 0 when it measured, and 0 without measuring only where nothing says a GPU was expected
+# ("no GPU here, nothing to measure"). 1 when it was to measure and could not, with the reason torch
+# gives (opdgeom.device): GPU_CHECK_REQUIRED=1 (a GPU machine's check), nvidia-smi lists GPUs that
+# torch cannot use (a CPU torch, a driver older than R580 for the CUDA 13 wheel), or Slurm granted
+# this job GPUs / OPDGEOM_DEVICE=cuda. 2 for a bad GPU_CHECK_REQUIRED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "gpu_check: no CUDA GPU on $(hostname); nothing measured (GPU numbers in benchmarks/RESULTS.md stay missing)"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+case ${GPU_CHECK_REQUIRED:-0} in
+    0) ;;
+    1) export OPDGEOM_DEVICE=cuda ;;
+    *) echo "gpu_check: GPU_CHECK_REQUIRED must be 0 or 1, got '$GPU_CHECK_REQUIRED'" >&2; exit 2 ;;
+esac
+if [[ ${OPDGEOM_DEVICE:-} != cuda ]] && command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    echo "gpu_check: nvidia-smi lists GPUs on $(hostname): they must be measured"
+    export OPDGEOM_DEVICE=cuda
+fi
+if ! device=$("$PY" -m opdgeom.device); then
+    echo "gpu_check: a GPU was expected on $(hostname) and torch cannot use it (above): nothing measured" >&2
+    exit 1
+fi
+if [[ $device == cpu ]]; then
+    echo "gpu_check: no GPU here ($(hostname)), nothing to measure (GPU numbers in benchmarks/RESULTS.md stay missing)"
     exit 0
 fi
+echo "gpu_check: measuring on $device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 timeout 420 "$PY" benchmarks/bench_train_memory.py --layers 4 --teacher-layers 2 --rows 8 --seq-len 2048 --steps 3 "$@"
 for family in qwen3-8b llama3-8b; do
