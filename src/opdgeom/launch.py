@@ -5,21 +5,42 @@ GPUs). M nodes: one torchrun per node through ``srun``, rendezvous on the first 
 plugin's ``mpi: srun`` the job runs the rule's shell once, on that node, so ``$(hostname)`` is the
 rendezvous host; ``-n`` is passed because the job step clears ``SLURM_NTASKS``). The rule appends
 ``-m opdgeom train ...``.
+
+Threads: Snakemake exports ``OMP_NUM_THREADS`` as the job's threads (the profile sets them to the
+CPUs Slurm gives a node), and torchrun passes it unchanged to every rank (it sets 1 only when the
+variable is unset), so 8 ranks would each start 64 threads on 64 CPUs. Under torchrun each rank gets
+its share of the node instead: ``cpus_per_node // nproc_per_node`` (at least 1), exported before the
+launcher so that srun carries it to every node. Rule train passes the CPUs Slurm allocates per node
+(``cpus_per_task``; the job's threads where no profile sets it); a caller on the node itself (the GPU
+smoke benchmark) may leave it out: the CPUs this process may run on.
 """
 
 from __future__ import annotations
 
+import os
+
 RENDEZVOUS_PORT = 29500
 
 
-def launch_command(nodes: int, nproc_per_node: int, port: int = RENDEZVOUS_PORT) -> str:
+def threads_per_rank(cpus_per_node: int, nproc_per_node: int) -> int:
+    if cpus_per_node < 1:
+        raise ValueError(f"a training job needs at least one CPU per node, got cpus_per_task={cpus_per_node}")
+    return max(1, cpus_per_node // nproc_per_node)
+
+
+def launch_command(
+    nodes: int, nproc_per_node: int, cpus_per_node: int | None = None, port: int = RENDEZVOUS_PORT
+) -> str:
     if nodes < 1 or nproc_per_node < 1:
         raise ValueError(f"a training job needs at least one node and one process, got {nodes} x {nproc_per_node}")
+    if cpus_per_node is None:
+        cpus_per_node = len(os.sched_getaffinity(0))
+    threads = f"OMP_NUM_THREADS={threads_per_rank(cpus_per_node, nproc_per_node)}"
     if nodes > 1:
         return (
-            f"srun -n {nodes} --ntasks-per-node=1 torchrun --nnodes={nodes} --nproc-per-node={nproc_per_node} "
-            f"--rdzv-backend=c10d --rdzv-endpoint=$(hostname):{port}"
+            f"{threads} srun -n {nodes} --ntasks-per-node=1 torchrun --nnodes={nodes} "
+            f"--nproc-per-node={nproc_per_node} --rdzv-backend=c10d --rdzv-endpoint=$(hostname):{port}"
         )
     if nproc_per_node > 1:
-        return f"torchrun --standalone --nproc-per-node {nproc_per_node}"
+        return f"{threads} torchrun --standalone --nproc-per-node {nproc_per_node}"
     return "python"

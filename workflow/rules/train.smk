@@ -1,7 +1,8 @@
 # One rule trains every run of the matrix: the method and its settings travel as the run's JSON.
 # Its resources follow the family (opdgeom.plan.TrainResources: one process for tiny families,
 # whole GPU nodes for hub ones; a profile may still override them), and the package picks the
-# launcher from them (opdgeom.launch: python, torchrun on one node, srun + torchrun across nodes).
+# launcher from them (opdgeom.launch: python, torchrun on one node, srun + torchrun across nodes, with
+# each rank's share of the node's CPUs as OMP_NUM_THREADS).
 rule train:
     input:
         unpack(run_inputs),
@@ -16,7 +17,9 @@ rule train:
     resources:
         **TRAIN_RESOURCES,
     params:
-        launch=lambda wc, resources: launch_command(resources.nodes, resources.nproc_per_node),
+        launch=lambda wc, resources, threads: launch_command(
+            resources.nodes, resources.nproc_per_node, resources.get("cpus_per_task", threads)
+        ),
         spec=lambda wc: json.dumps(STUDY.runs[wc.run].to_json()),
         paths=run_flags,
         out=lambda wc: str(STUDY.run_dir(wc.run)),

@@ -40,7 +40,8 @@ SINGLE = World()
 def setup(one_rank_group: bool = False) -> World:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), if any.
 
-    One process trains on the GPU when there is one (a Slurm job granted --gpus=1), else on CPU;
+    One process trains on the GPU when there is one (a Slurm job granted --gpus=1), else on CPU; a
+    process that was granted GPUs and cannot use CUDA stops here with the reason (``local_device``).
     ``one_rank_group`` gives it a process group of its own, so that FSDP2 (and with it bf16 mixed
     precision) applies to a single rank as well.
     """
@@ -60,7 +61,11 @@ def setup(one_rank_group: bool = False) -> World:
         minutes = int(os.environ.get("OPDGEOM_COLLECTIVE_TIMEOUT_MIN", "60"))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
     node = os.environ.get("SLURMD_NODENAME", "-")
-    print(f"rank {rank}/{size} on {socket.gethostname()} (Slurm node {node}): {device}, {backend}", file=sys.stderr)
+    print(
+        f"rank {rank}/{size} on {socket.gethostname()} (Slurm node {node}): {device}, {backend}, "
+        f"{torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
     return World(rank=rank, size=size, device=device)
 
 
