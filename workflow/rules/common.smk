@@ -4,6 +4,8 @@ import os
 import shlex
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
+
 from opdgeom.launch import launch_command
 from opdgeom.plan import Study
 
@@ -50,15 +52,33 @@ def run_inputs(wildcards):
     return inputs
 
 
+# Software. Each job's conda env is pinned in envs/; profiles/slurm deploys them
+# (software-deployment-method conda), the local profile runs every job in the calling environment.
+CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
+def env_file(name):
+    """A conda env as `conda:` takes it: relative to workflow/rules, where every rule is defined (the same
+    path as the rules that name theirs literally, so Snakemake sees one env, not two)."""
+    return f"../../envs/{name}"
+
+
 def train_env(wildcards):
     """vLLM rollouts need the vLLM environment (its own transformers pin); other runs the training one."""
     vllm = STUDY.runs[wildcards.run].train.rollout_engine == "vllm"
-    return str(Path(workflow.basedir) / "envs" / ("vllm-gpu.yaml" if vllm else "train.yaml"))
+    return env_file("vllm-gpu.yaml" if vllm else "train.yaml")
 
 
 def eval_env(wildcards):
-    vllm = STUDY.evaluate.get("engine", "hf") == "vllm"
-    return str(Path(workflow.basedir) / "envs" / ("vllm-gpu.yaml" if vllm else "train.yaml"))
+    return env_file("vllm-gpu.yaml" if STUDY.evaluate.get("engine", "hf") == "vllm" else "train.yaml")
+
+
+def software(env):
+    """A job's first log line, shown by `snakemake -n -p`: the environment its command runs in."""
+    name = os.path.normpath(os.path.join("workflow", "rules", env))
+    if CONDA:
+        return f"software: conda env {name}"
+    return f"software: python on PATH ({name} is deployed only with --software-deployment-method conda)"
 
 
 def run_flags(wildcards):

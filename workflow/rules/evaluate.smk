@@ -10,6 +10,7 @@ rule evaluate:
     conda:
         eval_env
     params:
+        software=lambda wc: software(eval_env(wc)),
         source=eval_source,
         domain=lambda wc: eval_domain(wc.ref),
         max_new_tokens=STUDY.evaluate["max_new_tokens"],
@@ -22,7 +23,8 @@ rule evaluate:
         formats=lambda wc: f"--prompt-format {STUDY.prompt_format(wc.ref)} "
         f"--teacher-prompt-format {STUDY.prompt_format(eval_teacher(wc.ref))}",
     shell:
+        "echo {params.software:q} > {log}; "
         "python -m opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
         "--domain {params.domain} --max-new-tokens {params.max_new_tokens} "
         "--batch-size {params.batch_size} --teacher {params.teacher} --temperature {params.temperature} --samples {params.samples} {params.formats} --engine {params.engine} "
-        "--cache {params.cache} --out {output} 2> {log}"
+        "--cache {params.cache} --out {output} 2>> {log}"

@@ -10,12 +10,14 @@ rule model:
     benchmark:
         f"{RES}/benchmarks/model/{{model}}.tsv"
     conda:
-        "../../envs/train.yaml"
+        env_file("train.yaml")
     params:
+        software=software(env_file("train.yaml")),
         spec=model_spec,
         pretrain=json.dumps(STUDY.family.get("pretrain", {})),
         seed=STUDY.seed,
         sources=lambda wc, input: " ".join(f"--{k} {v}" for k, v in input.items()),
     shell:
+        "echo {params.software:q} > {log}; "
         "python -m opdgeom model --spec {params.spec:q} --pretrain {params.pretrain:q} {params.sources} "
-        "--seed {params.seed} --out {output} 2> {log}"
+        "--seed {params.seed} --out {output} 2>> {log}"

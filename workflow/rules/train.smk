@@ -17,6 +17,7 @@ rule train:
     resources:
         **TRAIN_RESOURCES,
     params:
+        software=lambda wc: software(train_env(wc)),
         launch=lambda wc, resources, threads: launch_command(
             resources.nodes, resources.nproc_per_node, resources.get("cpus_per_task", threads)
         ),
@@ -25,5 +26,6 @@ rule train:
         out=lambda wc: str(STUDY.run_dir(wc.run)),
         seed=lambda wc: STUDY.run_seed(wc.run),
     shell:
+        "echo {params.software:q} > {log}; "
         "{params.launch} -m opdgeom train --spec {params.spec:q} {params.paths} --train-data {input.train_data} "
-        "--seed {params.seed} --out {params.out} 2> {log}"
+        "--seed {params.seed} --out {params.out} 2>> {log}"
