@@ -1,5 +1,7 @@
 # Tiny families: build from a transformers config and pretrain briefly on a generic corpus.
-# Hub families: download a pinned revision. Both end as HF folders with safetensors.
+# Hub families: download a pinned revision. Both end as HF folders with safetensors. Neither needs a
+# GPU (a download, hard links into the HF cache; tiny pretraining runs on the CPU): the Slurm profile
+# gives this rule CPU resources.
 rule model:
     input:
         unpack(model_inputs),
