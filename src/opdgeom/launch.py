@@ -6,11 +6,13 @@ plugin's ``mpi: srun`` the job runs the rule's shell once, on that node, so ``$(
 rendezvous host; ``-n`` is passed because the job step clears ``SLURM_NTASKS``). The rule appends
 ``-m opdgeom train ...``.
 
-Threads: Snakemake exports ``OMP_NUM_THREADS`` as the job's threads (the profile sets them to the
-CPUs Slurm gives a node), and torchrun passes it unchanged to every rank (it sets 1 only when the
-variable is unset), so 8 ranks would each start 64 threads on 64 CPUs. Under torchrun each rank gets
-its share of the node instead: ``cpus_per_node // nproc_per_node`` (at least 1), exported before the
-launcher so that srun carries it to every node. Rule train passes the CPUs Slurm allocates per node
+Threads: Snakemake exports the job's threads (the profile sets them to the CPUs Slurm gives a node)
+as ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``OPENBLAS_NUM_THREADS`` among others, and torchrun
+passes them unchanged to every rank (it sets ``OMP_NUM_THREADS=1`` only when it is unset), so 8 ranks
+would each start 64 threads on 64 CPUs. Under torchrun each rank gets its share of the node instead:
+``cpus_per_node // nproc_per_node`` (at least 1) in all three (torch's MKL build takes its thread count
+from ``MKL_NUM_THREADS`` when both are set), exported before the launcher so that srun carries them to
+every node. Rule train passes the CPUs Slurm allocates per node
 (``cpus_per_task``; the job's threads where no profile sets it); a caller on the node itself (the GPU
 smoke benchmark) may leave it out: the CPUs this process may run on.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 
 RENDEZVOUS_PORT = 29500
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def threads_per_rank(cpus_per_node: int, nproc_per_node: int) -> int:
@@ -35,7 +38,8 @@ def launch_command(
         raise ValueError(f"a training job needs at least one node and one process, got {nodes} x {nproc_per_node}")
     if cpus_per_node is None:
         cpus_per_node = len(os.sched_getaffinity(0))
-    threads = f"OMP_NUM_THREADS={threads_per_rank(cpus_per_node, nproc_per_node)}"
+    per_rank = threads_per_rank(cpus_per_node, nproc_per_node)
+    threads = " ".join(f"{name}={per_rank}" for name in THREAD_VARIABLES)
     if nodes > 1:
         return (
             f"{threads} srun -n {nodes} --ntasks-per-node=1 torchrun --nnodes={nodes} "

@@ -2,7 +2,7 @@
 # Its resources follow the family (opdgeom.plan.TrainResources: one process for tiny families,
 # whole GPU nodes for hub ones; a profile may still override them), and the package picks the
 # launcher from them (opdgeom.launch: python, torchrun on one node, srun + torchrun across nodes, with
-# each rank's share of the node's CPUs as OMP_NUM_THREADS).
+# each rank's share of the node's CPUs as its thread count).
 rule train:
     input:
         unpack(run_inputs),
