@@ -1,6 +1,7 @@
 """The Slurm path for real: a throwaway two-node cluster on this host (scripts/local_slurm), the
 smoke study submitted job by job through sbatch with the project's Slurm profile, the same numbers
-as a local run of the same study, and one training job spread over both nodes."""
+as a local run of the same study, one training job spread over both nodes, and a job granted GPUs
+that torch cannot use stopping at once."""
 
 import os
 import re
@@ -43,6 +44,7 @@ def profile_for_local_cluster(tmp_path: Path, **set_resources) -> Path:
     profile = {**PROFILE, "default-resources": dict(PROFILE["default-resources"])}
     profile["set-resources"] = {**PROFILE["set-resources"], **set_resources}
     del profile["default-resources"]["slurm_account"]  # accounts need slurmdbd; the plugin goes on without
+    del profile["software-deployment-method"]  # no conda here: jobs run in this interpreter's environment
     del profile["set-threads"]  # one thread per job, as in the local run: same numbers, 2 real cores
     profile.update({
         "jobs": 2,
@@ -57,6 +59,11 @@ def profile_for_local_cluster(tmp_path: Path, **set_resources) -> Path:
     return tmp_path / "profile"
 
 
+# The nodes' GPUs are /dev/null clones and torch here is a CPU build: jobs that Slurm grants them
+# compute on the CPU because they are told to (opdgeom.device), as the local run does.
+CPU_ON_FAKE_GPUS = {**os.environ, "OPDGEOM_DEVICE": "cpu"}
+
+
 def run_smoke(
     profile: Path, results: Path, *targets: str, configfiles: tuple[Path, ...] = ()
 ) -> subprocess.CompletedProcess:
@@ -65,7 +72,7 @@ def run_smoke(
          "--configfile", "config/smoke.yaml", *configfiles,
          "--config", f"results_dir={results}", f"cache_dir={results}/cache", "--rerun-triggers", "mtime",
          "--", *targets],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO, capture_output=True, text=True, env=CPU_ON_FAKE_GPUS,
     )  # fmt: skip
 
 
@@ -127,7 +134,9 @@ def test_training_spans_two_nodes(cluster, tmp_path, smoke):
     shutil.copytree(smoke.parent, results, ignore=lambda folder, names: ["sft"] if folder.endswith("runs") else [])
     # Typed GPUs go into gres on several nodes (--gpus would count GPUs per job): no gpu_model here.
     train = {k: v for k, v in PROFILE["set-resources"]["train"].items() if k != "gpu_model"}
-    train.update(cpus_per_task=1)
+    # Two CPUs per node for its one rank: the launch sets OMP_NUM_THREADS=2 for the ranks through srun,
+    # over the 1 Snakemake exports (this test profile has no set-threads).
+    train.update(cpus_per_task=2)
     two_nodes_config = tmp_path / "two_nodes.yaml"
     two_nodes_config.write_text(
         yaml.safe_dump({"family_overrides": {"train_resources": {"nodes": 2, "gpus_per_node": 1}}})
@@ -145,9 +154,9 @@ def test_training_spans_two_nodes(cluster, tmp_path, smoke):
     train_log = (results / "tiny-qwen3" / "logs" / "train" / "sft.log").read_text()
     # The c10d rendezvous numbers ranks in the order the nodes' agents join, so which node holds
     # rank 0 varies from run to run; what must hold is one rank on each node.
-    placed = re.findall(r"^rank (\d)/2 on \S+ \(Slurm node (n\d)\)", train_log, re.M)
-    ranks, nodes = (sorted(column) for column in zip(*placed)) if placed else ([], [])
-    assert (ranks, nodes) == (["0", "1"], ["n1", "n2"]), train_log[-3000:]
+    placed = re.findall(r"^rank (\d)/2 on \S+ \(Slurm node (n\d)\): cpu, gloo, (\d+) threads$", train_log, re.M)
+    ranks, nodes, threads = (sorted(column) for column in zip(*placed)) if placed else ([], [], [])
+    assert (ranks, nodes, threads) == (["0", "1"], ["n1", "n2"], ["2", "2"]), train_log[-3000:]
     two_nodes = full_trainer_state(run)["model"]
     one_process = full_trainer_state(smoke / "runs" / "sft")["model"]
     init = load_file(smoke / "models" / "student" / "model.safetensors")
@@ -155,3 +164,18 @@ def test_training_spans_two_nodes(cluster, tmp_path, smoke):
     for name, weight in one_process.items():
         moved = (weight - init[name].float()).abs().max()
         assert (weight - two_nodes[name]).abs().max() <= 1e-5 + 1e-3 * moved, name
+
+
+def test_a_job_granted_gpus_that_torch_cannot_use_stops_with_the_reason(cluster):
+    """What a GPU node with an old driver or a CPU torch looks like to a job: Slurm's grant, no CUDA.
+    The device choice every job makes (opdgeom.device) must refuse it, and a job without GPUs is not
+    affected."""
+    env = {k: v for k, v in os.environ.items() if k != "OPDGEOM_DEVICE"}
+    env["PYTHONPATH"] = str(REPO / "src")
+    check = [sys.executable, "-m", "opdgeom.device"]
+    on_gpus = subprocess.run(["srun", "-p", "gpu", "--gpus=h100:1", *check], env=env, capture_output=True, text=True)
+    assert on_gpus.returncode != 0, on_gpus.stdout
+    assert "a GPU was expected (Slurm granted this job GPUs (SLURM_" in on_gpus.stderr, on_gpus.stderr
+    assert "torch.version.cuda=None" in on_gpus.stderr and "OPDGEOM_DEVICE=cpu" in on_gpus.stderr
+    on_cpus = subprocess.run(["srun", "-p", "cpu", *check], env=env, capture_output=True, text=True)
+    assert (on_cpus.returncode, on_cpus.stdout.strip()) == (0, "cpu"), on_cpus.stderr
