@@ -144,6 +144,8 @@ class Study:
         self.evaluate = deep_merge(config["evaluate"], family.get("evaluate", {}))
         self.diagnose = config["diagnose"]
         self.train_defaults = deep_merge(config["train"], family.get("train", {}))
+        # Named recipes: config.yaml's, each deep-merged with the family's override of the same name.
+        self.recipes = deep_merge(config.get("recipes", {}), family.get("recipes", {}))
         self.results = Path(config["results_dir"]) / self.name
         self.cache_dir = Path(config["cache_dir"])
         self.models = family["models"]
@@ -184,9 +186,7 @@ class Study:
                 init=entry["init"],
                 domain=entry.get("domain", self.data["domain"]),
                 teacher=teacher,
-                train=TrainSettings.from_dict(
-                    deep_merge(self.train_defaults, entry.get("train", {})), f"{where}.train"
-                ),
+                train=TrainSettings.from_dict(self._run_train(where, entry), f"{where}.train"),
                 alpha=entry.get("alpha"),
                 seed=entry.get("seed"),
                 teacher_prompt_format=self.models[teacher].get("prompt_format", "raw") if teacher else "raw",
@@ -211,6 +211,17 @@ class Study:
         self._check_acyclic(runs)
         runs.update(self._teacher_finetunes(runs))
         return runs
+
+    def _run_train(self, where: str, entry: dict) -> dict:
+        """config train < family train < the run's recipe (config's, then the family's) < run train."""
+        settings = self.train_defaults
+        if "recipe" in entry:
+            name = entry["recipe"]
+            if name not in self.recipes:
+                known = ", ".join(self.recipes) or "none"
+                raise ConfigError(f"{where}.recipe: unknown recipe {name!r}; known recipes: {known}")
+            settings = deep_merge(settings, self.recipes[name])
+        return deep_merge(settings, entry.get("train", {}))
 
     def _resolve_figures(self, entries: list[dict]) -> dict[str, FigureSpec]:
         figures = {}

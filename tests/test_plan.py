@@ -1,0 +1,90 @@
+"""Training recipes (issue 27): SFT's anchor recipe lives in one place that a family can rescale."""
+
+import copy
+
+import pytest
+import yaml
+
+from opdgeom.config import ConfigError
+from opdgeom.plan import Study
+
+from conftest import REPO
+
+SFT_RUNS = ["sft.s0", "sft.s1", "sft.s2", "sft.projgrad", "sft.projupdate", "sft.student_alt", "sft.programs"]
+
+
+def base_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def study(config: dict) -> Study:
+    return Study.from_config(config, REPO / "config" / "families", REPO / "workflow" / "schemas")
+
+
+def anchor(spec) -> tuple:
+    t = spec.train
+    return (t.steps, t.batch_size, t.lr, t.warmup_steps, t.checkpoint_every)
+
+
+def test_every_sft_run_names_the_anchor_recipe():
+    for entry in base_config()["runs"]:
+        if entry["method"] == "sft":
+            assert entry.get("recipe") == "anchor" and "train" not in entry, entry["name"]
+
+
+def test_tiny_default_resolves_as_before():
+    s = study(base_config())
+    for run in SFT_RUNS:
+        assert anchor(s.runs[run]) == (800, 32, 3.0e-3, 20, 200), run
+    t = s.runs["sft.s0"].train
+    assert (t.weight_decay, t.grad_clip, t.group_size, t.max_new_tokens) == (0.0, 1.0, 4, 40)
+    assert anchor(s.runs["opd.s0"]) == (60, 16, 2.5e-5, 5, 20)  # no recipe: the train defaults
+
+
+@pytest.mark.parametrize("family", ["qwen3-8b", "llama3-8b"])
+def test_hub_family_sft_takes_the_preset_recipe(family):
+    config = base_config()
+    config["family"] = family
+    s = study(config)
+    for run in SFT_RUNS:
+        assert anchor(s.runs[run]) == (350, 64, 1.0e-5, 10, 50), run
+        assert s.runs[run].train.lr != 3.0e-3
+    assert s.runs["sft.s0"].train.rollout_engine == "vllm"  # the family's train still applies
+    assert anchor(s.runs["opd.s0"]) == (200, 64, 1.0e-6, 10, 20)
+
+
+def test_pilot_has_its_own_anchor_length():
+    config = base_config()
+    config["family"] = "qwen3-pilot"
+    s = study(config)
+    for run in SFT_RUNS:
+        assert anchor(s.runs[run]) == (120, 64, 1.0e-5, 4, 40), run
+
+
+def test_unknown_recipe_is_refused_with_the_known_names():
+    config = copy.deepcopy(base_config())
+    config["runs"][0]["recipe"] = "anchr"
+    with pytest.raises(ConfigError, match=r"config: runs\[0\]\.recipe: unknown recipe 'anchr'; known recipes: anchor"):
+        study(config)
+
+
+def test_family_override_wins_over_config_and_run_train_wins_over_both():
+    config = copy.deepcopy(base_config())
+    config["family_overrides"] = {"recipes": {"anchor": {"lr": 1.0e-4}, "short": {"steps": 100}}}
+    config["runs"][0]["train"] = {"steps": 400}
+    config["runs"].append({"name": "sft.short", "method": "sft", "init": "student", "recipe": "short"})
+    s = study(config)
+    assert anchor(s.runs["sft.s0"]) == (400, 32, 1.0e-4, 20, 200)  # run train > family > config recipe
+    assert anchor(s.runs["sft.projgrad"]) == (800, 32, 1.0e-4, 20, 200)
+    assert anchor(s.runs["sft.short"]) == (100, 16, 2.5e-5, 5, 20)  # a family-only recipe
+
+
+def test_recipe_keys_are_validated():
+    config = copy.deepcopy(base_config())
+    config["recipes"]["anchor"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"recipes\.anchor\.lr"):
+        study(config)
+    config = copy.deepcopy(base_config())
+    config["recipes"]["anchor"]["colour"] = 1
+    with pytest.raises(ConfigError, match="'colour' was unexpected"):
+        study(config)
