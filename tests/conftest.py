@@ -22,10 +22,34 @@ def repo() -> Path:
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(sys.executable)), os.environ["PATH"]])
 
 
-def run_snakemake(*args, cwd=REPO):
+def run_snakemake(*args, cwd=REPO, env=None):
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "snakemake", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+# `snakemake -n` under conda deployment (the Slurm profile's) asks conda where it keeps environments;
+# there is no conda on the test machines, so this stands in for it (the answers a real conda 25 gives;
+# nothing is built or run by it).
+FAKE_CONDA = """#!/bin/sh
+case "$*" in
+  "info --json") echo '{"conda_prefix": "/nonexistent", "root_prefix": "/nonexistent", "platform": "linux-64"}' ;;
+  "--version") echo "conda 25.5.1" ;;
+  "config --get channel_priority --json") echo '{"get": {"channel_priority": "strict"}}' ;;
+  *) echo "fake conda: $* is not faked" >&2; exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def conda_env(tmp_path) -> dict:
+    """The environment of a process that finds the stand-in conda first on PATH."""
+    bin_dir = tmp_path / "fake-conda-bin"
+    bin_dir.mkdir()
+    (bin_dir / "conda").write_text(FAKE_CONDA)
+    (bin_dir / "conda").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.fixture(scope="session")

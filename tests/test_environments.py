@@ -3,7 +3,6 @@ and evaluate in envs/vllm-gpu.yaml and every other job in its rule's env, and ea
 the package imports for the rules that use it."""
 
 import ast
-import os
 import re
 import subprocess
 import sys
@@ -16,25 +15,11 @@ import yaml
 from conftest import REPO
 
 SRC = REPO / "src"
-# `snakemake -n` under conda deployment asks conda where it keeps environments; there is no conda on
-# the test machines, so this stands in for it (the answers a real conda 25 gives; nothing is built).
-FAKE_CONDA = """#!/bin/sh
-case "$*" in
-  "info --json") echo '{"conda_prefix": "/nonexistent", "root_prefix": "/nonexistent", "platform": "linux-64"}' ;;
-  "--version") echo "conda 25.5.1" ;;
-  "config --get channel_priority --json") echo '{"get": {"channel_priority": "strict"}}' ;;
-  *) echo "fake conda: $* is not faked" >&2; exit 1 ;;
-esac
-"""
 
 
-def dry_run(tmp_path: Path, profile: str, *config: str) -> tuple[dict[str, list[str]], str]:
+def dry_run(tmp_path: Path, env: dict, profile: str, *config: str) -> tuple[dict[str, list[str]], str]:
     """`snakemake -n -p` with ``profile``: the `software:` lines (each job's first log line) of the rules
     that write one, by rule, and the whole output. A job of those rules without the line fails."""
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "conda").write_text(FAKE_CONDA)
-    (tmp_path / "bin" / "conda").chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--profile", profile, "--config", *config]
     proc = subprocess.run([*cmd, f"results_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
@@ -49,8 +34,8 @@ def dry_run(tmp_path: Path, profile: str, *config: str) -> tuple[dict[str, list[
     return software, out
 
 
-def test_cluster_profile_trains_and_evaluates_hub_families_in_the_vllm_env(tmp_path):
-    software, out = dry_run(tmp_path, "slurm", "family=qwen3-8b")
+def test_cluster_profile_trains_and_evaluates_hub_families_in_the_vllm_env(tmp_path, conda_env):
+    software, out = dry_run(tmp_path, conda_env, "slurm", "family=qwen3-8b")
     # Snakemake deploys the rules' conda envs (the profile's software-deployment-method: conda) ...
     for env in ("vllm-gpu", "train", "diagnose", "figures"):
         assert f"Conda environment envs/{env}.yaml will be created." in out, env
@@ -61,16 +46,16 @@ def test_cluster_profile_trains_and_evaluates_hub_families_in_the_vllm_env(tmp_p
     assert set(software["model"]) == {"conda env envs/train.yaml"}
 
 
-def test_cluster_profile_runs_tiny_family_jobs_in_the_training_env(tmp_path):
-    software, out = dry_run(tmp_path, "slurm")
+def test_cluster_profile_runs_tiny_family_jobs_in_the_training_env(tmp_path, conda_env):
+    software, out = dry_run(tmp_path, conda_env, "slurm")
     assert "Conda environment envs/vllm-gpu.yaml" not in out
     assert {rule: set(lines) for rule, lines in software.items()} == {
         rule: {"conda env envs/train.yaml"} for rule in ("model", "train", "evaluate")
     }
 
 
-def test_local_profile_says_jobs_run_in_the_calling_environment(tmp_path):
-    software, out = dry_run(tmp_path, "profiles/local")
+def test_local_profile_says_jobs_run_in_the_calling_environment(tmp_path, conda_env):
+    software, out = dry_run(tmp_path, conda_env, "profiles/local")
     assert "Conda environment" not in out
     lines = {line for job_lines in software.values() for line in job_lines}
     assert lines == {"python on PATH (envs/train.yaml is deployed only with --software-deployment-method conda)"}

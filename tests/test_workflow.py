@@ -117,22 +117,26 @@ def test_compare_rejects_a_truncated_checkpoint(smoke, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen3-8b", "llama3-8b"])
-def test_slurm_dry_run_trains_hub_families_on_whole_gpu_nodes(family, tmp_path):
-    proc = snakemake("-n", "-p", "--profile", "slurm", "--config", f"family={family}", f"results_dir={tmp_path}")
+def test_slurm_dry_run_trains_hub_families_on_whole_gpu_nodes(family, tmp_path, conda_env):
+    config = ("--config", f"family={family}", f"results_dir={tmp_path}")
+    proc = snakemake("-n", "-p", "--profile", "slurm", *config, env=conda_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train_jobs = (proc.stdout + proc.stderr).split("rule train:")[1:]
     assert len(train_jobs) >= 20
     for job in train_jobs:
         assert "nodes=1, nproc_per_node=8, gpu=8, gpu_model=h100" in job.split("rule ")[0]
-        assert "Shell command: torchrun --standalone --nproc-per-node 8 -m opdgeom train" in job
+        assert (
+            "OMP_NUM_THREADS=8 MKL_NUM_THREADS=8 OPENBLAS_NUM_THREADS=8 torchrun --standalone --nproc-per-node 8 -m opdgeom train --spec"
+            in job
+        )
 
 
-def test_dry_run_trains_tiny_families_in_one_process(tmp_path):
-    proc = snakemake("-n", "-p", "--profile", "slurm", "--config", f"results_dir={tmp_path}")
+def test_dry_run_trains_tiny_families_in_one_process(tmp_path, conda_env):
+    proc = snakemake("-n", "-p", "--profile", "slurm", "--config", f"results_dir={tmp_path}", env=conda_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train_jobs = (proc.stdout + proc.stderr).split("rule train:")[1:]
     assert len(train_jobs) >= 20
     assert all(
-        "nodes=1, nproc_per_node=1, gpu=1" in job and "Shell command: python -m opdgeom train" in job
+        "nodes=1, nproc_per_node=1, gpu=1" in job and "python -m opdgeom train --spec" in job and "torchrun" not in job
         for job in train_jobs
     )
