@@ -51,7 +51,7 @@ def test_two_ranks_killed_mid_run_resume_from_their_shards_to_identical_weights(
     cmd = _cmd(tiny, spec, resumed, nproc=2)
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not (resumed / "trainer_state" / "meta.pt").exists() and proc.poll() is None and time.time() < deadline:
+    while not (resumed / "trainer_state" / "meta.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
     proc.wait()

@@ -2,6 +2,7 @@
 behaviour policies and every method's step."""
 
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -15,8 +16,15 @@ from safetensors.torch import load_file
 from opdgeom.manifest import read_manifest
 from opdgeom.models import load_model
 from opdgeom.spec import RunSpec
-from opdgeom.train.checkpoint import full_trainer_state, read_meta
-from opdgeom.train.loop import NonFiniteError
+from opdgeom.train.checkpoint import (
+    TrainerStateError,
+    full_trainer_state,
+    load_trainer_state,
+    read_meta,
+    save_trainer_state,
+)
+from opdgeom.train.distributed import SINGLE
+from opdgeom.train.loop import NonFiniteError, lr_lambda
 from opdgeom.train.projection import SubspaceProjection
 from opdgeom.train.run import train_run
 
@@ -92,11 +100,95 @@ def test_resume_after_sigkill_gives_bitwise_identical_weights(tiny, tmp_path):
     a = full_trainer_state(straight)
     b = full_trainer_state(resumed)
     assert read_meta(straight)["step"] == read_meta(resumed)["step"] == 40
+    assert sorted(p.name for p in (resumed / "trainer_state").iterdir()) == [".metadata", "__0_0.distcp", "meta.json"]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), f"fp32 weights differ: {name}"
     final_a = load_file(straight / "step_000040" / "model.safetensors")
     final_b = load_file(resumed / "step_000040" / "model.safetensors")
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_a_finished_runs_json_meta_restores_schedule_and_learning_rate(tiny, tmp_path):
+    spec = run_spec("sft")
+    train_run(spec, tiny["init"], tiny["data"], tmp_path / "run", seed=0)
+    meta = read_meta(tmp_path / "run")
+    assert meta["step"] == spec.train.steps and [r["step"] for r in meta["records"]] == [3, 6]
+    model = load_model(tiny["init"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr)
+    factor = lr_lambda(spec.train.warmup_steps, spec.train.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    load_trainer_state(tmp_path / "run", model, optimizer, NoState())
+    scheduler.load_state_dict(meta["scheduler"])
+    final_lr = spec.train.lr * factor(spec.train.steps)
+    assert final_lr != spec.train.lr * factor(0)
+    assert scheduler.get_last_lr() == [final_lr] and scheduler.state_dict() == meta["scheduler"]
+    assert optimizer.param_groups[0]["lr"] == final_lr, "the optimizer's learning rate was not restored"
+
+
+class NoState:
+    """SFT's method state: nothing."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert state == {}
+
+
+class StepState:
+    """A method state with one non-tensor entry, as a lagged copy's refresh step."""
+
+    def __init__(self, refreshed_at=None):
+        self.refreshed_at = refreshed_at
+
+    def state_dict(self) -> dict:
+        return {"refreshed_at": self.refreshed_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.refreshed_at = state["refreshed_at"]
+
+
+class Planted:
+    """What a writer of the shared file system could plant: unpickling it creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def test_a_pickled_meta_from_the_old_format_is_refused_unread(tiny, tmp_path):
+    run = tmp_path / "run"
+    train_run(run_spec("sft"), tiny["init"], tiny["data"], run, seed=0)
+    (run / "trainer_state" / "meta.json").unlink()
+    torch.save(Planted(tmp_path / "ran"), run / "trainer_state" / "meta.pt")
+    expected = (
+        r"trainer_state/meta\.pt: trainer metadata in the old pickle format.*runs whatever code.*Delete .*trainer_state"
+    )
+    with pytest.raises(TrainerStateError, match=expected):
+        train_run(run_spec("sft"), tiny["init"], tiny["data"], run, seed=0)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_pickles_planted_in_the_dcp_state_are_refused_unrun(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    save_trainer_state(tmp_path, model, optimizer, StepState(3), {"step": 1}, SINGLE)
+    fresh, restored = torch.nn.Linear(2, 2), StepState()
+    load_trainer_state(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()), restored)
+    assert restored.refreshed_at == 3 and torch.equal(fresh.weight, model.weight)
+
+    save_trainer_state(tmp_path, model, optimizer, StepState(Planted(tmp_path / "ran")), {"step": 1}, SINGLE)
+    with pytest.raises(TrainerStateError, match=r"entry method\.refreshed_at is not plain data.*GLOBAL exec"):
+        load_trainer_state(tmp_path, model, optimizer, StepState())
+    index = tmp_path / "trainer_state" / ".metadata"
+    index.write_bytes(pickle.dumps(Planted(tmp_path / "ran")))
+    with pytest.raises(TrainerStateError, match=r"\.metadata: names builtins\.exec"):
+        full_trainer_state(tmp_path)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(tiny, tmp_path):

@@ -132,7 +132,7 @@ def test_rank_killed_mid_run_resumes_with_engines_synced_from_its_state(models, 
         _cmd(models, "vllm", out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 300
-    while not (out / "trainer_state" / "meta.pt").exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / "trainer_state" / "meta.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     ranks = _rank_pids(proc.pid)
     os.kill(ranks[1], signal.SIGKILL)  # one rank dies mid-run; the launcher takes the others down
