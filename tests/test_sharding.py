@@ -116,7 +116,8 @@ def _sft_loss(logp_BT: torch.Tensor, global_tokens: int, world_size: int) -> tor
 
 def _train_steps(model, world, ids_BT, mask_BT, chunk_tokens: int) -> tuple[list[float], dict]:
     """STEPS AdamW steps on the rank's rows; returns per-step global losses and the first step's gradients."""
-    from opdgeom.train.distributed import full_tensor, global_sum
+    from opdgeom.dtensor import full_tensor
+    from opdgeom.train.distributed import global_sum
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     rows = slice(world.rank, None, world.size)

@@ -16,11 +16,9 @@ from collections.abc import Iterator
 
 import torch
 
+from opdgeom.dtensor import full_tensor
+
 DEFAULT_BUCKET_BYTES = 1 << 28  # 256 MiB: ~2 decoder layers of Qwen3-8B in bf16
-
-
-def _full(param: torch.Tensor) -> torch.Tensor:
-    return param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
 @torch.no_grad()
@@ -36,7 +34,7 @@ def weight_buckets(
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, param in model.named_parameters():
-        full = _full(param.detach())
+        full = full_tensor(param.detach())
         tensor = full.to(dtype) if dtype is not None and full.dtype != dtype else full
         bucket.append((name, tensor))
         size += tensor.numel() * tensor.element_size()

@@ -40,8 +40,9 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from opdgeom.dtensor import full_tensor
 from opdgeom.io import atomic_dir, write_bytes
-from opdgeom.train.distributed import World, barrier, full_tensor
+from opdgeom.train.distributed import World, barrier
 
 STATE_DIR = "trainer_state"
 META_FILE = "meta.json"

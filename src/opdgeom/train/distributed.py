@@ -271,11 +271,6 @@ def global_max(value: int, world: World) -> int:
     return int(tensor)
 
 
-def full_tensor(value):
-    """A DTensor (FSDP-sharded parameter, or a norm computed over them) as a plain tensor."""
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
-
-
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

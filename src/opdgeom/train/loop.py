@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from opdgeom.dtensor import full_tensor
 from opdgeom.spec import TrainSettings
 from opdgeom.train.checkpoint import (
     STATE_DIR,
@@ -26,7 +27,7 @@ from opdgeom.train.checkpoint import (
     read_meta,
     save_trainer_state,
 )
-from opdgeom.train.distributed import SINGLE, World, full_tensor
+from opdgeom.train.distributed import SINGLE, World
 
 __all__ = ["NonFiniteError", "STATE_DIR", "log", "lr_lambda", "train"]
 
