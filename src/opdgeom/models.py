@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from opdgeom.io import atomic_dir
+from opdgeom.hf_folder import write_hf_folder
 
 ARCHITECTURES = {
     "qwen3": transformers.Qwen3Config,
@@ -61,16 +61,7 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, state_dict=None) -> Path:
-    """Write an HF folder (safetensors in ``dtype``, config, tokenizer) atomically.
-
-    Casting a copy of the state dict keeps the caller's fp32 master weights untouched;
-    ``state_dict`` supplies the weights when the model itself is sharded (FSDP gathers them).
-    """
-    source = model.state_dict() if state_dict is None else state_dict
-    state = {k: v.detach().to("cpu", dtype) for k, v in source.items()}
-    with atomic_dir(out_dir) as tmp:
-        model.config.dtype = dtype
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write an HF folder (safetensors in ``dtype``, config, tokenizer) atomically; the caller's
+    weights stay in their own dtype (opdgeom.hf_folder, the writer of every checkpoint too)."""
+    return write_hf_folder(model, tokenizer, out_dir, dtype)

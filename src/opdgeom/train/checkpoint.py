@@ -14,9 +14,9 @@ own ``.metadata`` index is read by an unpickler that builds DCP's records and no
 non-tensor entries (optimizer hyper-parameters, a method's step counter) and its tensors are read by
 torch's weights-only unpickler. The old ``meta.pt`` pickle is refused (see read_meta).
 
-The weights the diagnostics and evaluation read are exported separately as a bf16 HF folder,
-streamed tensor by tensor: every rank gathers one tensor at a time (a collective), rank 0 casts it
-and appends it to the current safetensors shard, so no rank holds more than one shard of bf16.
+The weights the diagnostics and evaluation read are exported separately as a bf16 HF folder by
+opdgeom.hf_folder, streamed tensor by tensor: every rank gathers one tensor at a time (a collective),
+rank 0 casts it and appends it to the current safetensors shard.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ import pickle
 import re
 import shutil
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
@@ -40,8 +39,8 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from opdgeom.dtensor import full_tensor
-from opdgeom.io import atomic_dir, write_bytes
+from opdgeom.hf_folder import SHARD_BYTES, write_hf_folder
+from opdgeom.io import write_bytes
 from opdgeom.train.distributed import World, barrier
 
 STATE_DIR = "trainer_state"
@@ -62,11 +61,6 @@ _METADATA_GLOBALS = {
     ("pathlib", "PosixPath"),
     ("pathlib._local", "PosixPath"),  # where Python 3.13 defines it
 }
-SHARD_BYTES = 4 << 30  # safetensors shard size of exported weights (HF's default is 5 GB)
-
-
-class NonFiniteError(RuntimeError):
-    """Loss, gradient or weights went NaN/Inf; the run stops before writing a bad checkpoint."""
 
 
 class TrainerStateError(RuntimeError):
@@ -246,60 +240,11 @@ def full_trainer_state(run_dir: Path) -> dict:
     return state
 
 
-def _shard_plan(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype, shard_bytes: int) -> list[list[str]]:
-    """Names grouped into consecutive safetensors shards of at most ``shard_bytes`` (in ``dtype``)."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * dtype.itemsize
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    return groups
-
-
 def export_hf(
     model, tokenizer, out_dir: Path, world: World, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES
 ) -> Path:
-    """Write ``out_dir`` as an HF folder (config, tokenizer, safetensors in ``dtype``), atomically.
-
-    Every rank takes part (each tensor is gathered from its shards); only rank 0 writes. Tied weights
-    are written once, under the embedding's name, as transformers does. A non-finite value stops the
-    export on every rank before anything is renamed into place.
-    """
-    # named_parameters lists a tied weight once; persistent buffers complete the state dict.
-    persistent = set(model.state_dict())
-    tensors = [(n, p) for n, p in model.named_parameters() if n in persistent]
-    tensors += [(n, b) for n, b in model.named_buffers() if n in persistent]
-    groups = _shard_plan(tensors, dtype, shard_bytes)
-    by_name = dict(tensors)
-    names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    if len(groups) == 1:
-        names = ["model.safetensors"]
-    with atomic_dir(out_dir) if world.is_main else nullcontext() as tmp:
-        weight_map = {}
-        for file, group in zip(names, groups):
-            shard = {}
-            for name in group:
-                value = full_tensor(by_name[name].detach())
-                if not torch.isfinite(value).all():
-                    raise NonFiniteError(f"parameter {name} has non-finite values; not saving {out_dir}")
-                if world.is_main:
-                    shard[name] = value.to("cpu", dtype).contiguous()
-                    weight_map[name] = file
-            if world.is_main:
-                save_file(shard, tmp / file, metadata={"format": "pt"})
-        if world.is_main:
-            if len(names) > 1:
-                total = sum(by_name[n].numel() for n in weight_map) * dtype.itemsize
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            model.config.dtype = dtype
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+    """Write ``out_dir`` as an HF folder in ``dtype``: every rank takes part (each tensor is gathered
+    from its shards), only rank 0 writes, and no rank returns before the folder is in place."""
+    write_hf_folder(model, tokenizer, out_dir, dtype, shard_bytes, write=world.is_main)
     barrier(world)
     return out_dir

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from opdgeom.dtensor import full_tensor
+from opdgeom.hf_folder import NonFiniteError
 from opdgeom.spec import TrainSettings
 from opdgeom.train.checkpoint import (
     STATE_DIR,
-    NonFiniteError,
     export_hf,
     load_trainer_state,
     read_meta,
