@@ -45,6 +45,10 @@ def test_checkpoint_steps_include_the_last_step():
         (lambda d: d["behaviour"].update(lagg=2), r"--spec\.behaviour: unknown key\(s\) \['lagg'\]"),
         (lambda d: d.update(method="dpo"), r"--spec\.method: unknown method 'dpo'"),
         (lambda d: d.update(colour="blue"), r"--spec: unknown key\(s\) \['colour'\]"),
+        (
+            lambda d: d["train"].update(rollout_engine="vllm", teacher_engine="vllm"),
+            r"--spec\.train: rollout_engine vllm with teacher_engine vllm",
+        ),
     ],
 )
 def test_a_malformed_spec_names_the_key(mutate, message):

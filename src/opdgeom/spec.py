@@ -87,7 +87,18 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "train") -> TrainSettings:
-        return _build(cls, data, where)
+        settings = _build(cls, data, where)
+        # Both engines sleep between phases through vLLM's CuMem allocator, which allows one instance
+        # per process ("CuMem allocator can only be used for one instance per process",
+        # v1/worker/gpu_worker.py): on a GPU the second engine would fail at start-up. The CPU build
+        # has no memory pool, so only this check stands between a config and that failure.
+        if settings.rollout_engine == "vllm" and settings.teacher_engine == "vllm":
+            raise SpecError(
+                f"{where}: rollout_engine vllm with teacher_engine vllm needs two sleeping vLLM engines in "
+                "one process, which vLLM's CuMem allocator refuses on GPUs; use teacher_engine hf (the "
+                "sharded bf16 teacher) with vLLM rollouts"
+            )
+        return settings
 
 
 @dataclass(frozen=True)
