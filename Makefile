@@ -31,7 +31,7 @@ $(VLLM_VENV)/.installed: pyproject.toml scripts/vllm_env.sh
 	PYTHON=$(PYTHON) scripts/vllm_env.sh $(VLLM_VENV)
 
 test-vllm: $(VLLM_VENV)/.installed  ## the vLLM engine against transformers; OPD with vLLM rollouts, 2-rank colocated engines
-	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py tests/test_vllm_colocate.py
+	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py tests/test_vllm_colocate.py tests/test_engine_wake_order.py
 
 smoke: $(BIN)/.installed  ## the smoke study only (~2 minutes)
 	snakemake --profile profiles/local --configfile config/smoke.yaml all

@@ -73,7 +73,8 @@ ENV_STEPS = {
 # Imported inside functions, so the module-level walk below cannot see them: the vLLM engine (train
 # and evaluate import it when the engine is vllm) and Hugging Face data sets (rule data, for a real
 # domain such as gsm8k without a local mirror: tasks/files.py load_hf_dataset).
-LAZY = {"vllm-gpu.yaml": {"opdgeom.rollout.vllm_engine"}, "train.yaml": {"datasets"}}
+# accelerate: transformers' device_map="auto", which an evaluate job with several GPUs uses for its teacher.
+LAZY = {"vllm-gpu.yaml": {"opdgeom.rollout.vllm_engine", "accelerate"}, "train.yaml": {"datasets"}}
 
 
 def _module_file(name: str) -> Path | None:

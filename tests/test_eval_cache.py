@@ -1,5 +1,6 @@
 """The content-addressed store of held-out results: keys follow content, hits are exact, misses recompute."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -49,7 +50,8 @@ def test_entries_round_trip_exactly_and_corrupt_ones_are_recomputed(tmp_path):
 
 def test_evaluation_reuses_a_checkpoint_with_the_same_content_and_settings(tiny, checkpoints, tmp_path, monkeypatch):
     examples = tiny["data"]
-    kwargs = dict(max_new_tokens=6, batch_size=8, teacher=tiny["teacher"], samples=2)
+    settings = evaluate.EvalSettings(max_new_tokens=6, batch_size=8, samples=2)
+    kwargs = dict(settings=settings, teacher=tiny["teacher"])
     uncached = evaluate.evaluate_checkpoints("run", checkpoints, examples, "math", **kwargs)
     calls = []
     real = evaluate.checkpoint_metrics
@@ -63,7 +65,14 @@ def test_evaluation_reuses_a_checkpoint_with_the_same_content_and_settings(tiny,
     assert len(calls) == 1
     assert second.drop("ref", "step", "tokens").equals(uncached.drop("ref", "step", "tokens").reverse())
     # another setting or another teacher is another entry
-    evaluate.evaluate_checkpoints("run", checkpoints[:1], examples, "math", cache=cache, **{**kwargs, "samples": 1})
+    evaluate.evaluate_checkpoints(
+        "run",
+        checkpoints[:1],
+        examples,
+        "math",
+        cache=cache,
+        **{**kwargs, "settings": dataclasses.replace(settings, samples=1)},
+    )
     evaluate.evaluate_checkpoints(
         "run", checkpoints[:1], examples, "math", cache=cache, **{**kwargs, "teacher": checkpoints[1]["path"]}
     )

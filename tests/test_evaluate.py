@@ -1,9 +1,13 @@
 """The per-checkpoint NLL, reverse-KL and sampled-reward metrics against float64 hand computations."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
-from opdgeom.evaluate import KL_SEED, Teacher, checkpoint_metrics, reverse_kl_rows, sampled_metrics
+import opdgeom.evaluate as evaluate
+from opdgeom.evaluate import KL_SEED, EvalSettings, Teacher, checkpoint_metrics, reverse_kl_rows
 from opdgeom.models import build_model, load_model, save_model
 from opdgeom.rollout import HFEngine
 from opdgeom.tasks.base import Example
@@ -55,35 +59,84 @@ class _LengthTask:
         return float(len(text) % 2 == 0)
 
 
-def test_sampled_metrics_per_prompt_parts_match_a_float64_hand_computation():
+def _saved_pair(tmp_path, tok):
+    save_model(build_model(SPEC, tok, seed=0), tok, tmp_path / "student", dtype=torch.float32)
+    save_model(build_model(SPEC, tok, seed=1), tok, tmp_path / "teacher", dtype=torch.float32)
+    cpu = torch.device("cpu")
+    reference = [load_model(tmp_path / n, dtype=torch.float64, device=cpu).eval() for n in ("student", "teacher")]
+    return reference
+
+
+@pytest.mark.parametrize("teacher_resident", [True, False])
+def test_sampled_metrics_per_prompt_parts_match_a_float64_hand_computation(tmp_path, teacher_resident):
+    """The phased evaluation (decode, teacher alone, student alone) on float32 checkpoints against a
+    float64 computation with both models at once; with the teacher loaded for its phase only (as on a
+    GPU) or kept loaded (the CPU)."""
     tok = build_char_tokenizer()
-    student = build_model(SPEC, tok, seed=0).double().eval()
-    teacher = build_model(SPEC, tok, seed=1).double().eval()
+    student64, teacher64 = _saved_pair(tmp_path, tok)
     examples = [Example(p, "", "0") for p in ["Q: 1+2=?\nA: ", "Q: 9*9-3=?\nA: ", "Q: 4=?\nA: "]]
     prompts = [encode_prompt(tok, e.prompt) for e in examples]
     samples = 3
-    got = sampled_metrics(
-        student, tok, Teacher(teacher, PromptFormat(tok, False)), _LengthTask(), examples, prompts, 12, 1.0, samples, 4
-    )
+    teacher = Teacher.at(tmp_path / "teacher", False, torch.device("cpu"))
+    if not teacher_resident:
+        teacher = Teacher(None, teacher.format, tmp_path / "teacher")
+    settings = EvalSettings(max_new_tokens=12, batch_size=4, samples=samples, score_tokens=40)
+    got = checkpoint_metrics(tmp_path / "student", examples, _LengthTask(), settings, teacher)
     # the same draws, replayed: prompt i's samples are rows i*samples .. i*samples + samples - 1
     repeated = [p for p in prompts for _ in range(samples)]
-    rollouts = HFEngine(student, tok, batch_size=4).sample(repeated, 12, 1.0, seed=KL_SEED)
-    completions = rollouts.completion_ids
+    student32 = load_model(tmp_path / "student", dtype=torch.float32, device=torch.device("cpu")).eval()
+    completions = HFEngine(student32, tok, batch_size=4).sample(repeated, 12, 1.0, seed=KL_SEED).completion_ids
     for i in range(len(examples)):
         mine = completions[i * samples : (i + 1) * samples]
         n_tokens = sum(map(len, mine))
-        kl_sum = sum(map(sum, hand_reverse_kl(student, teacher, [prompts[i]] * samples, mine)))
+        kl_sum = sum(map(sum, hand_reverse_kl(student64, teacher64, [prompts[i]] * samples, mine)))
         assert got["kl_tokens_per_prompt"][i] == n_tokens
-        assert abs(got["kl_sum_per_prompt"][i] - kl_sum) < 1e-10 * max(1.0, kl_sum)
+        assert got["kl_sum_per_prompt"][i] == pytest.approx(kl_sum, rel=1e-4)  # float32 models
         texts = tok.batch_decode(mine, skip_special_tokens=True)
         assert got["reward_per_prompt"][i] == sum(len(t) % 2 == 0 for t in texts) / samples
-    everything = [kl for row in hand_reverse_kl(student, teacher, repeated, completions) for kl in row]
-    assert abs(got["reverse_kl"] - sum(everything) / len(everything)) < 1e-10
+    everything = [kl for row in hand_reverse_kl(student64, teacher64, repeated, completions) for kl in row]
+    assert got["reverse_kl"] == pytest.approx(sum(everything) / len(everything), rel=1e-4)
     assert got["sampled_reward"] == sum(got["reward_per_prompt"]) / len(examples) and got["samples"] == samples
     assert 0 < got["sampled_reward"] < 1  # the length verifier varies, so the per-prompt parts are not all equal
     with pytest.raises(ValueError, match="samples must be >= 1"):
-        sampled_metrics(student, tok, Teacher(teacher, PromptFormat(tok, False)), _LengthTask(), examples, prompts,
-                        12, 1.0, 0, 4)  # fmt: skip
+        checkpoint_metrics(tmp_path / "student", examples, _LengthTask(), EvalSettings(12, 4, samples=0), teacher)
+
+
+def test_a_teacher_loaded_for_its_phase_is_gone_before_the_student_loads(tmp_path, monkeypatch):
+    """On a GPU the 32B teacher and the student must never be resident together (issue 27, defect 3):
+    the teacher's phase ends with only its lm_head kept, before the student's phase loads the student."""
+    tok = build_char_tokenizer()
+    _saved_pair(tmp_path, tok)
+    loaded, real_load = [], evaluate.load_model
+
+    def recording_load(path, **kwargs):
+        model = real_load(path, **kwargs)
+        gc.collect()
+        alive = [name for name, ref in loaded if ref() is not None]
+        loaded.append((f"{path.name}", weakref.ref(model)))
+        events.append((path.name, alive))
+        return model
+
+    events: list = []
+    monkeypatch.setattr(evaluate, "load_model", recording_load)
+    examples = [Example("Q: 1+2=?\nA: ", "3", "3"), Example("Q: 4=?\nA: ", "4", "4")]
+    teacher = Teacher(None, PromptFormat(tok, False), tmp_path / "teacher")
+    checkpoint_metrics(tmp_path / "student", examples, _LengthTask(), EvalSettings(6, 2, samples=2), teacher)
+    # hf decoding loads the student; it is released for the teacher's phase, the teacher for the student's
+    assert events == [("student", []), ("teacher", []), ("student", [])]
+
+
+@pytest.mark.parametrize(
+    "lengths, batch_size, max_tokens, want",
+    [
+        ([3, 3, 3, 3], 2, None, [(0, 2), (2, 4)]),
+        ([3, 5, 2, 9, 1], 8, 10, [(0, 2), (2, 3), (3, 4), (4, 5)]),  # rows x longest <= 10; 9 alone
+        ([20, 1], 4, 10, [(0, 1), (1, 2)]),  # a row over the budget still gets its own pass
+    ],
+)
+def test_teacher_forced_passes_hold_their_token_budget(lengths, batch_size, max_tokens, want):
+    got = evaluate._row_batches(lengths, batch_size, max_tokens)
+    assert [(s.start, s.stop) for s in got] == want
 
 
 def test_held_out_nll_and_its_per_prompt_parts_match_a_float64_hand_computation(tmp_path):
@@ -92,7 +145,7 @@ def test_held_out_nll_and_its_per_prompt_parts_match_a_float64_hand_computation(
     examples = [Example("Q: 1+2=?\nA: ", "1+2=3 #### 3", "3"), Example("Q: 9*9=?\nA: ", "81", "81"),
                 Example("Q: 4=?\nA: ", "4;5*6=30 #### 30", "30")]  # fmt: skip
     # batch size 2: the rows of a batch have different lengths, and a batch boundary falls between prompts
-    got = checkpoint_metrics(tmp_path / "ckpt", examples, _LengthTask(), 6, 2)
+    got = checkpoint_metrics(tmp_path / "ckpt", examples, _LengthTask(), EvalSettings(6, 2))
     reference = load_model(tmp_path / "ckpt", dtype=torch.float64, device=torch.device("cpu")).eval()  # as saved
     sums, tokens = [], []
     for e in examples:

@@ -127,6 +127,12 @@ def test_slurm_dry_run_trains_hub_families_on_whole_gpu_nodes(family, tmp_path, 
         assert "nodes=1, nproc_per_node=8, gpu=8, gpu_model=h100" in job.split("rule ")[0]
         threads = "OMP_NUM_THREADS=8 MKL_NUM_THREADS=8 OPENBLAS_NUM_THREADS=8"
         assert f"{threads} torchrun --standalone --nproc-per-node 8 -m opdgeom train --spec" in job
+    # Evaluate jobs get the GPUs their memory plan was checked on, and its pass budget (issue 27).
+    eval_jobs = (proc.stdout + proc.stderr).split("rule evaluate:")[1:]
+    assert eval_jobs
+    gpus = {"qwen3-8b": 1, "llama3-8b": 3}[family]
+    for job in eval_jobs:
+        assert f"gpu={gpus}, gpu_model=h100" in job.split("rule ")[0] and "--score-tokens 8192" in job
 
 
 def test_dry_run_trains_tiny_families_in_one_process(tmp_path, conda_env):

@@ -95,13 +95,15 @@ def _checkpoints(args) -> list[dict]:
 
 
 def _evaluate(args) -> None:
-    from opdgeom.evaluate import evaluate_checkpoints
+    from opdgeom.evaluate import EvalSettings, evaluate_checkpoints
 
+    settings = EvalSettings(
+        args.max_new_tokens, args.batch_size, args.temperature, args.prompt_format == "chat", args.engine,
+        args.samples, args.score_tokens, args.kv_cache_gb and int(args.kv_cache_gb * 2**30),
+    )  # fmt: skip
     table = evaluate_checkpoints(
-        args.ref, _checkpoints(args), args.eval_data, args.domain, args.max_new_tokens, args.batch_size,
-        teacher=args.teacher, temperature=args.temperature,
-        chat=args.prompt_format == "chat", teacher_chat=args.teacher_prompt_format == "chat", engine=args.engine,
-        samples=args.samples, cache=args.cache,
+        args.ref, _checkpoints(args), args.eval_data, args.domain, settings, teacher=args.teacher,
+        teacher_chat=args.teacher_prompt_format == "chat", cache=args.cache,
     )  # fmt: skip
     write_parquet(table, args.out)
 
@@ -191,6 +193,13 @@ def _figure(args) -> None:
 
 
 def _memory_plan(args) -> None:
+    if args.evaluate:
+        from opdgeom.train.eval_plan import main as eval_plan
+
+        print(eval_plan(args.family, args.gpu_mem_gb, as_json=args.json))
+        return
+    if args.gpus is None:
+        raise SystemExit("opdgeom memory-plan: --gpus is required for a training job's plan")
     from opdgeom.train.memory_plan import main as memory_plan
 
     print(memory_plan(args.family, args.gpus, args.gpu_mem_gb, as_json=args.json))
@@ -266,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="sampled completions per prompt (reverse KL, reward)")
     p.add_argument("--prompt-format", choices=["raw", "chat"], default="raw", help="how the evaluated model reads")
     p.add_argument("--teacher-prompt-format", choices=["raw", "chat"], default="raw", help="how the teacher reads")
-    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="who decodes the greedy answers")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="who decodes (greedy and sampled)")
+    p.add_argument("--score-tokens", type=int, help="padded tokens per teacher-forced pass (default: batch-size rows)")
+    p.add_argument("--kv-cache-gb", type=float, help="the vLLM engine's KV cache (default: batch-size sequences)")
     p.add_argument("--cache", type=Path, help="reuse results of checkpoints evaluated before (folder; default: none)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_evaluate)
@@ -328,9 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default="{}", help="figure options as JSON")
     p.set_defaults(func=_figure)
 
-    p = sub.add_parser("memory-plan", help="per-rank GPU memory of a family's training job, by component")
+    p = sub.add_parser("memory-plan", help="per-rank GPU memory of a family's training (or evaluate) job, by component")
     p.add_argument("--family", required=True, help="a preset in config/families")
-    p.add_argument("--gpus", type=int, required=True, help="ranks (GPUs) of one training job")
+    p.add_argument("--gpus", type=int, help="ranks (GPUs) of one training job")
+    p.add_argument("--evaluate", action="store_true", help="an evaluate job's plan instead (GPUs: evaluate.gpus)")
     p.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GB (1e9 bytes)")
     p.add_argument("--json", action="store_true", help="the plan as JSON (peak_bytes, components, phases)")
     p.set_defaults(func=_memory_plan)

@@ -109,6 +109,17 @@ def local_device(local_rank: int = 0) -> torch.device:
     return device
 
 
+def free_cached_memory() -> None:
+    """Hand the caching allocator's unused blocks back to the driver (``torch.cuda.empty_cache``).
+
+    A vLLM engine waking from sleep maps its memory through its own allocator, outside torch's
+    cache: blocks the trainer freed but torch still holds are invisible to it and it runs out of
+    memory beside them (TRL's colocate mode and verl's sharding manager empty the cache before
+    every wake for this reason). A no-op where CUDA was never initialized (CPU jobs)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     try:
         device = local_device()

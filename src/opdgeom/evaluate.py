@@ -20,6 +20,8 @@ as the changes the tiny study measures; ``samples`` draws more per prompt (same 
 
 from __future__ import annotations
 
+import copy
+import gc
 import sys
 import time
 from dataclasses import dataclass
@@ -28,12 +30,12 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from opdgeom.device import local_device
+from opdgeom.device import free_cached_memory, local_device
 from opdgeom.eval_cache import EvalCache, path_digest
 from opdgeom.logprobs import DEFAULT_CHUNK_TOKENS, final_hidden_states, token_logprobs
 from opdgeom.models import load_model, load_tokenizer
 from opdgeom.rollout import HFEngine
-from opdgeom.rollout.greedy import greedy_completions
+from opdgeom.rollout.greedy import engine_completions
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
 from opdgeom.tokens import PromptFormat, encode_completion, pack
@@ -48,17 +50,59 @@ def eval_dtype(device: torch.device) -> torch.dtype:
 
 @dataclass
 class Teacher:
-    model: torch.nn.Module
+    """The teacher of the reverse-KL metric: a loaded model, or a folder loaded for each checkpoint's
+    teacher phase and released after it (``Teacher.at``: on a GPU the teacher and the student never
+    share the device; on the CPU the tiny teacher stays loaded)."""
+
+    model: torch.nn.Module | None
     format: PromptFormat
+    path: Path | None = None
+
+    @classmethod
+    def at(cls, path: str | Path, chat: bool, device: torch.device) -> Teacher:
+        fmt = PromptFormat(load_tokenizer(path), chat)
+        return cls(_load_frozen(path, device) if device.type == "cpu" else None, fmt, Path(path))
+
+    def load(self, device: torch.device) -> torch.nn.Module:
+        return self.model if self.model is not None else _load_frozen(self.path, device)
+
+
+def _load_frozen(path, device: torch.device) -> torch.nn.Module:
+    """The teacher in eval dtype; on an evaluate job given several GPUs, spread over all of them."""
+    spread = device.type == "cuda" and torch.cuda.device_count() > 1
+    return load_model(path, dtype=eval_dtype(device), device=device, spread=spread).eval().requires_grad_(False)
+
+
+def _row_batches(lengths: list[int], batch_size: int, max_tokens: int | None) -> list[slice]:
+    """Consecutive rows in passes of at most ``batch_size`` rows and, given ``max_tokens``, at most that
+    many padded tokens (rows x the longest row); a row longer than ``max_tokens`` gets a pass alone."""
+    out, start = [], 0
+    while start < len(lengths):
+        end, longest = start, 0
+        while end < len(lengths) and end - start < batch_size:
+            longest_then = max(longest, lengths[end])
+            if max_tokens is not None and end > start and (end - start + 1) * longest_then > max_tokens:
+                break
+            longest, end = longest_then, end + 1
+        out.append(slice(start, end))
+        start = end
+    return out
+
+
+def _passes(prompts, completions, batch_size: int, max_tokens: int | None) -> list[slice]:
+    return _row_batches([len(p) + len(c) for p, c in zip(prompts, completions)], batch_size, max_tokens)
 
 
 @torch.no_grad()
-def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, batch_size: int):
+def completion_logprobs(
+    model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, batch_size: int,
+    max_tokens: int | None = None,
+):  # fmt: skip
     """log pi(y_t) of every completion token, one 1-D float32 tensor per row (teacher-forced)."""
     out = []
     device = next(model.parameters()).device
-    for start in range(0, len(prompts), batch_size):
-        p, c = prompts[start : start + batch_size], completions[start : start + batch_size]
+    for batch in _passes(prompts, completions, batch_size, max_tokens):
+        p, c = prompts[batch], completions[batch]
         rows = pack(p, c, pad_id)
         logp_BT = token_logprobs(model, rows["input_ids"].to(device), rows["attention_mask"].to(device)).float().cpu()
         mask_BT = rows["target_mask"].bool()
@@ -66,12 +110,20 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     return out
 
 
-def _completion_hidden(model, prompts, completions, pad_id: int) -> torch.Tensor:
-    """Final hidden states at the positions that predict a completion token, rows in order: (N, H)."""
+@torch.no_grad()
+def completion_states(
+    model, prompts, completions, pad_id: int, batch_size: int, max_tokens: int | None = None,
+    to: torch.device | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Final hidden states at every position that predicts a completion token, rows in order: (N, H),
+    moved to ``to`` pass by pass (the teacher phase keeps them on the host while the student loads)."""
     device = next(model.parameters()).device
-    rows = pack(prompts, completions, pad_id)
-    hidden_BTH = final_hidden_states(model, rows["input_ids"].to(device), rows["attention_mask"].to(device))
-    return hidden_BTH[:, :-1][rows["target_mask"].bool().to(device)]
+    pieces = []
+    for batch in _passes(prompts, completions, batch_size, max_tokens):
+        rows = pack(prompts[batch], completions[batch], pad_id)
+        hidden_BTH = final_hidden_states(model, rows["input_ids"].to(device), rows["attention_mask"].to(device))
+        pieces.append(hidden_BTH[:, :-1][rows["target_mask"].bool().to(device)].to(to or device))
+    return torch.cat(pieces)
 
 
 def _chunk_reverse_kl(student_head, teacher_head, h_student_NH, h_teacher_NH) -> torch.Tensor:
@@ -87,6 +139,22 @@ def _chunk_reverse_kl(student_head, teacher_head, h_student_NH, h_teacher_NH) ->
 
 
 @torch.no_grad()
+def reverse_kl_from_states(
+    student_head, teacher_head, h_student_NH, h_teacher_NH, lengths: list[int],
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Per row (``lengths`` completion tokens each), the full-vocabulary reverse KL at its positions from
+    the two models' final hidden states; logits are formed ``chunk_tokens`` positions at a time (never
+    N x V), the teacher's states brought to the student's device chunk by chunk."""
+    device = h_student_NH.device
+    kl_N = torch.cat(
+        [_chunk_reverse_kl(student_head, teacher_head, h_student_NH[i : i + chunk_tokens],
+                           h_teacher_NH[i : i + chunk_tokens].to(device))
+         for i in range(0, h_student_NH.shape[0], chunk_tokens)]
+    )  # fmt: skip
+    return list(kl_N.cpu().split(lengths))
+
+
 def reverse_kl_rows(
     student, teacher, prompts, completions, pad_id: int, batch_size: int = 64, teacher_rows=None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -96,53 +164,73 @@ def reverse_kl_rows(
 
     On the student's own samples this is the exact expectation of OPD's sampled-token advantage
     log pi_s(y_t) - log pi_t(y_t) over y_t at each position: the same quantity without the variance of
-    the sampled token. Logits are formed ``chunk_tokens`` positions at a time (never B x T x V).
-    ``teacher_rows`` = (prompts, completions) as the teacher reads them (its own prompt format); the
-    completion tokens are the same, so the two models' positions line up token by token."""
+    the sampled token. ``teacher_rows`` = (prompts, completions) as the teacher reads them (its own
+    prompt format); the completion tokens are the same, so the two models' positions line up token by
+    token. Both models at once: ``checkpoint_metrics`` runs the same computation in two phases."""
     t_prompts, t_completions = teacher_rows or (prompts, completions)
+    h_t_NH = completion_states(teacher, t_prompts, t_completions, pad_id, batch_size)
+    h_s_NH = completion_states(student, prompts, completions, pad_id, batch_size)
     heads = (student.get_output_embeddings(), teacher.get_output_embeddings())
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = slice(start, start + batch_size)
-        h_s_NH = _completion_hidden(student, prompts[batch], completions[batch], pad_id)
-        h_t_NH = _completion_hidden(teacher, t_prompts[batch], t_completions[batch], pad_id).to(h_s_NH.device)
-        kl_N = torch.cat(
-            [_chunk_reverse_kl(*heads, h_s_NH[i : i + chunk_tokens], h_t_NH[i : i + chunk_tokens])
-             for i in range(0, h_s_NH.shape[0], chunk_tokens)]
-        )  # fmt: skip
-        out.extend(kl_N.cpu().split([len(c) for c in completions[batch]]))
-    return out
+    return reverse_kl_from_states(*heads, h_s_NH, h_t_NH, [len(c) for c in completions], chunk_tokens)
 
 
-def checkpoint_metrics(
-    model_dir,
-    examples,
-    task,
-    max_new_tokens: int,
-    batch_size: int,
-    teacher: Teacher | None = None,
-    temperature: float = 1.0,
-    chat: bool = False,
-    engine: str = "hf",
-    samples: int = 1,
-) -> dict:
+@dataclass(frozen=True)
+class EvalSettings:
+    """How one checkpoint is evaluated (the ``evaluate:`` section, resolved)."""
+
+    max_new_tokens: int
+    batch_size: int
+    temperature: float = 1.0
+    chat: bool = False
+    engine: str = "hf"
+    samples: int = 1
+    score_tokens: int | None = None  # padded tokens per teacher-forced pass (None: batch_size rows)
+    kv_cache_bytes: int | None = None  # the vLLM engine's KV cache (None: batch_size whole sequences)
+
+
+def checkpoint_metrics(model_dir, examples, task, settings: EvalSettings, teacher: Teacher | None = None) -> dict:
     """Greedy accuracy (and per-prompt ``correct``), held-out NLL (and each prompt's summed NLL and token
-    count) and, given a teacher, reverse KL.
-    ``chat``: the checkpoint is an instruct model prompted with its chat template (a hub teacher).
-    ``engine="vllm"``: the greedy answers come from a vLLM engine (hub families); the teacher-forced
-    scores and the reverse-KL samples stay on transformers. ``samples``: completions per prompt of the
-    sampled metrics (reverse KL, reward)."""
+    count) and, given a teacher, reverse KL and the sampled reward on ``settings.samples`` completions per
+    prompt drawn at ``settings.temperature`` (seed KL_SEED).
+
+    In three phases, so that no two large models share a GPU: (1) decoding, greedy and sampled, on the
+    engine alone (``engine="vllm"``: a vLLM engine with an explicit KV budget, shut down after; ``hf``:
+    transformers generate on the student); (2) the teacher alone, its final hidden states at the
+    sampled completions' positions kept on the host, its lm_head kept; (3) the student: NLL of the
+    demonstrations, its hidden states on the samples, the reverse KL chunk by chunk. ``chat``: the
+    checkpoint is an instruct model prompted with its chat template (a hub teacher)."""
+    if settings.samples < 1:
+        raise ValueError(f"evaluate: samples must be >= 1, got {settings.samples}")
     tokenizer = load_tokenizer(model_dir)
     device = local_device()
-    model = load_model(model_dir, dtype=eval_dtype(device), device=device).eval()
-    sampler = HFEngine(model, tokenizer, batch_size=batch_size)
-    prompts = [PromptFormat(tokenizer, chat).prompt(e.prompt) for e in examples]
-    greedy = greedy_completions(model_dir, prompts, max_new_tokens, engine, batch_size) if engine == "vllm" else None
-    completion_ids = greedy or sampler.sample(prompts, max_new_tokens, 0.0, seed=0).completion_ids
+    prompts = [PromptFormat(tokenizer, settings.chat).prompt(e.prompt) for e in examples]
+    repeated = [i for i in range(len(examples)) for _ in range(settings.samples)] if teacher else []
+    requests = [(prompts, 0.0, 0)] + ([([prompts[i] for i in repeated], settings.temperature, KL_SEED)] * bool(teacher))
+    model = None
+    if settings.engine == "vllm":  # phase 1 on the engine: no transformers model is on the GPU yet
+        decoded = engine_completions(
+            model_dir, requests, settings.max_new_tokens, settings.batch_size, settings.kv_cache_bytes
+        )
+    else:
+        model = load_model(model_dir, dtype=eval_dtype(device), device=device).eval()
+        sampler = HFEngine(model, tokenizer, batch_size=settings.batch_size)
+        decoded = [
+            sampler.sample(p, settings.max_new_tokens, temp, seed=seed).completion_ids for p, temp, seed in requests
+        ]
+        del sampler  # it holds the model, which the teacher phase may need gone
+    completion_ids = decoded[0]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     correct = [int(task.verify(text, e.answer)) for text, e in zip(texts, examples)]
+    teacher_part = None
+    if teacher is not None:
+        if teacher.model is None and model is not None:  # the teacher phase has the device to itself
+            model = _release(model)
+        teacher_part = _teacher_phase(teacher, examples, repeated, decoded[1], tokenizer, settings, device)
+    if model is None:
+        model = load_model(model_dir, dtype=eval_dtype(device), device=device).eval()
     demos = [encode_completion(tokenizer, e.completion) for e in examples]
-    logp_rows = completion_logprobs(model, prompts, demos, tokenizer.pad_token_id, batch_size)
+    pad = tokenizer.pad_token_id
+    logp_rows = completion_logprobs(model, prompts, demos, pad, settings.batch_size, settings.score_tokens)
     result = {
         "accuracy": sum(correct) / len(correct),
         "n": len(correct),
@@ -152,33 +240,57 @@ def checkpoint_metrics(
         "nll_sum_per_prompt": [-logp_T.double().sum().item() for logp_T in logp_rows],
         "nll_tokens_per_prompt": [logp_T.numel() for logp_T in logp_rows],
     }
-    if teacher is not None:
-        sampled = sampled_metrics(
-            model, tokenizer, teacher, task, examples, prompts, max_new_tokens, temperature, samples, batch_size
+    if teacher_part is not None:
+        head, h_t_NH = teacher_part
+        kl_rows = _student_reverse_kl(
+            model, head.to(device), h_t_NH, [prompts[i] for i in repeated], decoded[1], pad, settings
         )
-        result.update(sampled)
+        sampled_texts = tokenizer.batch_decode(decoded[1], skip_special_tokens=True)
+        result.update(_sampled_parts(task, examples, repeated, kl_rows, sampled_texts, settings.samples))
     return result
 
 
-def sampled_metrics(
-    model, tokenizer, teacher: Teacher, task, examples, prompts, max_new_tokens: int, temperature: float,
-    samples: int, batch_size: int,
-) -> dict:  # fmt: skip
-    """Reverse KL to the teacher and the verifier's reward on ``samples`` completions per prompt drawn at
-    ``temperature`` (seed KL_SEED): the totals and each prompt's parts, prompts in order."""
-    if samples < 1:
-        raise ValueError(f"evaluate: samples must be >= 1, got {samples}")
-    repeated = [i for i in range(len(examples)) for _ in range(samples)]
-    sampler = HFEngine(model, tokenizer, batch_size=batch_size)
-    sampled = sampler.sample([prompts[i] for i in repeated], max_new_tokens, temperature, seed=KL_SEED)
+def _student_reverse_kl(model, teacher_head, h_t_NH, prompts, completions, pad_id: int, settings) -> list:
+    """The reverse KL rows pass by pass: one pass of the student's states on the device at a time, the
+    teacher's matching positions (stored in row order) brought over as they are needed."""
+    kl_rows, offset = [], 0
+    for batch in _passes(prompts, completions, settings.batch_size, settings.score_tokens):
+        h_s_NH = completion_states(model, prompts[batch], completions[batch], pad_id, settings.batch_size)
+        lengths = [len(c) for c in completions[batch]]
+        h_t_batch = h_t_NH[offset : offset + h_s_NH.shape[0]]
+        kl_rows += reverse_kl_from_states(model.get_output_embeddings(), teacher_head, h_s_NH, h_t_batch, lengths)
+        offset += h_s_NH.shape[0]
+    return kl_rows
+
+
+def _teacher_phase(teacher: Teacher, examples, repeated, completions, tokenizer, settings, device):
+    """The teacher's lm_head and its final hidden states at the sampled completions' positions (on the
+    host when the teacher was loaded for this phase only: it is released before the student loads)."""
+    model = teacher.load(device)
     eos = tokenizer.eos_token_id
-    teacher_rows = (
-        [teacher.format.prompt(examples[i].prompt) for i in repeated],
-        [teacher.format.completion(c, eos) for c in sampled.completion_ids],
+    t_prompts = [teacher.format.prompt(examples[i].prompt) for i in repeated]
+    t_completions = [teacher.format.completion(c, eos) for c in completions]
+    keep = teacher.model is not None
+    host = None if keep else torch.device("cpu")
+    h_t_NH = completion_states(
+        model, t_prompts, t_completions, tokenizer.pad_token_id, settings.batch_size, settings.score_tokens, to=host
     )
-    rows = (sampled.prompt_ids, sampled.completion_ids)
-    kl_rows = reverse_kl_rows(model, teacher.model, *rows, tokenizer.pad_token_id, batch_size, teacher_rows)
-    texts = tokenizer.batch_decode(sampled.completion_ids, skip_special_tokens=True)
+    head = model.get_output_embeddings()
+    if not keep:
+        head = copy.deepcopy(head).to("cpu")
+        model = _release(model)
+    return head, h_t_NH
+
+
+def _release(model) -> None:
+    """Drop the caller's last reference (it rebinds its name to the None returned) and give the memory
+    back to the device before the next phase loads."""
+    del model
+    gc.collect()
+    free_cached_memory()
+
+
+def _sampled_parts(task, examples, repeated, kl_rows, texts, samples: int) -> dict:
     n = len(examples)
     kl_sum, kl_tokens, reward = [0.0] * n, [0] * n, [0.0] * n
     for i, kl_T, text in zip(repeated, kl_rows, texts):
@@ -200,47 +312,41 @@ def evaluate_checkpoints(
     checkpoints: list[dict],
     eval_data: str | Path,
     domain: str,
-    max_new_tokens: int,
-    batch_size: int,
+    settings: EvalSettings,
     teacher: str | Path | None = None,
-    temperature: float = 1.0,
-    chat: bool = False,
     teacher_chat: bool = False,
-    engine: str = "hf",
-    samples: int = 1,
     cache: str | Path | None = None,
 ) -> pl.DataFrame:
     """One row per checkpoint: ref, step, tokens, domain, accuracy, n, mean_completion_tokens, nll,
     correct (list of 0/1 per held-out prompt), nll_sum_per_prompt, nll_tokens_per_prompt and, with
-    ``teacher``, reverse_kl and sampled_reward on ``samples`` completions per prompt, with their per-prompt parts.
-    ``cache``: a folder of results addressed by content (opdgeom.eval_cache); a checkpoint evaluated
-    before with the same data, teacher and settings (a run's init, shared by every run from it) is read
-    back instead of evaluated again."""
+    ``teacher``, reverse_kl and sampled_reward on ``settings.samples`` completions per prompt, with their
+    per-prompt parts. ``cache``: a folder of results addressed by content (opdgeom.eval_cache); a
+    checkpoint evaluated before with the same data, teacher and settings (a run's init, shared by every
+    run from it) is read back instead of evaluated again."""
     examples = read_jsonl(eval_data)
     task = get_task(domain)
     device = local_device()
-    teacher_model = None
-    if teacher is not None:
-        model = load_model(teacher, dtype=eval_dtype(device), device=device).eval().requires_grad_(False)
-        teacher_model = Teacher(model, PromptFormat(load_tokenizer(teacher), teacher_chat))
+    teacher_model = Teacher.at(teacher, teacher_chat, device) if teacher is not None else None
     store = EvalCache(cache) if cache is not None else None
-    settings = {
-        "eval_data": path_digest(eval_data), "domain": domain, "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size, "teacher": path_digest(teacher) if teacher is not None else None,
-        "temperature": temperature, "chat": chat, "teacher_chat": teacher_chat, "engine": engine,
-        "samples": samples, "kl_seed": KL_SEED, "device": device.type, "torch": torch.__version__,
+    key_settings = {
+        "eval_data": path_digest(eval_data), "domain": domain, "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size, "teacher": path_digest(teacher) if teacher is not None else None,
+        "temperature": settings.temperature, "chat": settings.chat, "teacher_chat": teacher_chat,
+        "engine": settings.engine, "samples": settings.samples, "kl_seed": KL_SEED, "device": device.type,
+        "torch": torch.__version__,
+        # Set only when they differ from the defaults, so results cached before they existed stay valid;
+        # a vLLM evaluation now also samples on the engine.
+        **({"sampled_on": "engine"} if settings.engine == "vllm" else {}),
+        **({"score_tokens": settings.score_tokens} if settings.score_tokens is not None else {}),
     } if store is not None else {}  # fmt: skip
     rows = []
     for ckpt in checkpoints:
         t0 = time.perf_counter()
-        key = store.key(path_digest(ckpt["path"]), settings) if store is not None else None
+        key = store.key(path_digest(ckpt["path"]), key_settings) if store is not None else None
         result = store.get(key) if store is not None else None
         cached = result is not None
         if not cached:
-            result = checkpoint_metrics(
-                ckpt["path"], examples, task, max_new_tokens, batch_size, teacher_model, temperature, chat, engine,
-                samples,
-            )  # fmt: skip
+            result = checkpoint_metrics(ckpt["path"], examples, task, settings, teacher_model)
             if store is not None:
                 store.put(key, result)
         rows.append({"ref": ref, "step": ckpt["step"], "tokens": ckpt.get("tokens", 0), "domain": domain, **result})

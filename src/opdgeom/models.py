@@ -44,11 +44,17 @@ def build_model(spec: dict, tokenizer, seed: int) -> transformers.PreTrainedMode
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load an HF folder; training keeps fp32 master weights whatever the checkpoint dtype."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", spread: bool = False):
+    """Load an HF folder; training keeps fp32 master weights whatever the checkpoint dtype.
+
+    ``spread``: place the layers across every visible GPU (transformers' device_map="auto", which
+    needs accelerate): a model too large for one GPU, run one layer after another (evaluation's
+    teacher on a multi-GPU evaluate job)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model folder (config.json is missing)")
+    if spread:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device)
 

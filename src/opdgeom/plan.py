@@ -294,7 +294,7 @@ class Study:
         return TrainResources(**{**dataclasses.asdict(default), **family.get("train_resources", {})})
 
     def _check_memory(self, family: dict) -> None:
-        """Refuse at planning time a hub family whose memory plan does not fit its GPUs."""
+        """Refuse at planning time a hub family whose training or evaluate jobs do not fit their GPUs."""
         from opdgeom.train.memory_plan import UnknownShapeError, check_fits  # torch: only hub families pay
 
         r = self.train_resources
@@ -304,6 +304,19 @@ class Study:
             print(f"warning: family {self.name}: memory not checked at planning: {err}", file=sys.stderr)
         except ValueError as err:
             raise ConfigError(f"config: family {self.name}: train_resources: {err}") from None
+        from opdgeom.train.eval_plan import check_evaluate_fits
+
+        try:
+            check_evaluate_fits(family, self.evaluate, r.gpu_mem_gb)
+        except UnknownShapeError as err:
+            print(f"warning: family {self.name}: evaluate memory not checked at planning: {err}", file=sys.stderr)
+        except ValueError as err:
+            raise ConfigError(f"config: family {self.name}: evaluate: {err}") from None
+
+    def eval_budget_flags(self) -> str:
+        """The evaluate command's memory flags, from the resolved ``evaluate`` settings ("" when unset)."""
+        flags = {"--score-tokens": self.evaluate.get("score_tokens"), "--kv-cache-gb": self.evaluate.get("kv_cache_gb")}
+        return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
 
     @staticmethod
     def _check_options(where: str, spec: RunSpec) -> None:

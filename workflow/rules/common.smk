@@ -92,6 +92,10 @@ def run_flags(wildcards):
     return flags
 
 
+def eval_budget_flags():
+    return STUDY.eval_budget_flags()
+
+
 def eval_domain(ref):
     return STUDY.runs[ref].domain if ref in STUDY.runs else STUDY.data["domain"]
 

@@ -9,6 +9,8 @@ rule evaluate:
         f"{RES}/benchmarks/evaluate/{{ref}}.tsv"
     conda:
         eval_env
+    resources:
+        gpu=STUDY.evaluate.get("gpus", 1),
     params:
         software=lambda wc: software(eval_env(wc)),
         source=eval_source,
@@ -19,6 +21,7 @@ rule evaluate:
         temperature=STUDY.train_defaults["temperature"],
         samples=STUDY.evaluate.get("samples", 1),
         engine=STUDY.evaluate.get("engine", "hf"),
+        budget=eval_budget_flags(),
         cache=CACHE,
         formats=lambda wc: f"--prompt-format {STUDY.prompt_format(wc.ref)} "
         f"--teacher-prompt-format {STUDY.prompt_format(eval_teacher(wc.ref))}",
@@ -26,5 +29,5 @@ rule evaluate:
         "echo {params.software:q} > {log}; "
         "python -m opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
         "--domain {params.domain} --max-new-tokens {params.max_new_tokens} "
-        "--batch-size {params.batch_size} --teacher {params.teacher} --temperature {params.temperature} --samples {params.samples} {params.formats} --engine {params.engine} "
+        "--batch-size {params.batch_size} --teacher {params.teacher} --temperature {params.temperature} --samples {params.samples} {params.formats} --engine {params.engine} {params.budget}"
         "--cache {params.cache} --out {output} 2>> {log}"

@@ -78,10 +78,12 @@ class ColocatedRollout:
         """Wake the engine and bring it to ``sampler``'s weights if ``version`` is not what it holds.
 
         Returns whether it synced. Every rank calls this with the same versions (they are pure
-        functions of the step), so under FSDP the gathers line up.
+        functions of the step), so under FSDP the gathers line up. A sync wakes the engine itself,
+        weights before KV cache (``sync_weights``): waking it whole first would map the KV cache
+        while the gather buckets still need room.
         """
-        self.engine.wake_up()
         if version == self.version:
+            self.engine.wake_up()
             return False
         kwargs = {} if self.bucket_bytes is None else {"bucket_bytes": self.bucket_bytes}
         self.engine.sync_weights(sampler, **kwargs)

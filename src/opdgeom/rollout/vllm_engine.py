@@ -25,6 +25,7 @@ from pathlib import Path
 from vllm import LLM, SamplingParams, envs
 from vllm.inputs import TokensPrompt
 
+from opdgeom.device import free_cached_memory
 from opdgeom.rollout.base import Rollouts, SamplingEngine
 from opdgeom.rollout.weights import DEFAULT_BUCKET_BYTES, iter_weights
 
@@ -67,16 +68,20 @@ class VLLMEngine(SamplingEngine):
         max_model_len: int = 256,
         kv_cache_bytes: int | None = 1 << 30,
         gpu_memory_utilization: float = 0.9,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
         colocated: bool = False,
         seed: int = 0,
         sleep_mode: bool | None = None,
+        max_num_batched_tokens: int | None = None,
     ):
         """``colocated``: this process is one rank of a torchrun job and the engine joins its world
         (``distributed_executor_backend="external_launcher"``, TP 1: one whole engine per rank, each
         sampling its own prompts), as TRL's colocate mode does. ``sleep_mode``: release weights and
         KV cache between rollouts (``sleep``/``wake_up``); None turns it on where vLLM's platform
         supports it (CUDA, ROCm, XPU) and off elsewhere (the CPU build rejects it at start-up).
+        ``enforce_eager``: None captures CUDA graphs on GPUs (decoding is launch-bound without them;
+        the in-place weight sync keeps the graphs' tensor addresses) and runs eager on the CPU, where
+        vLLM would compile for minutes for a few-second test.
         """
         # Read when the first engine starts (vLLM caches its settings from then on).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -93,7 +98,11 @@ class VLLMEngine(SamplingEngine):
                 f"vLLM sleep mode off on {current_platform.device_name}: sleep()/wake_up() are no-ops, the "
                 "engine keeps its weights and KV cache resident through the update"
             )
+        if enforce_eager is None:
+            enforce_eager = current_platform.is_cpu()
         extra = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1} if colocated else {}
+        if max_num_batched_tokens is not None:  # tokens per scheduler step: bounds the step's activations
+            extra["max_num_batched_tokens"] = max_num_batched_tokens
         self.llm = LLM(
             model=str(model_dir),
             dtype=dtype,
@@ -122,9 +131,11 @@ class VLLMEngine(SamplingEngine):
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Take back what ``sleep`` released (``tags``: "weights" first, to load new ones before the
-        KV cache is reallocated, as TRL does). A no-op when awake or without sleep mode."""
+        KV cache is reallocated, as TRL does), after emptying torch's allocator cache so the engine
+        finds the memory the update freed. A no-op when awake or without sleep mode."""
         if self.asleep_level is None:
             return
+        free_cached_memory()
         self.llm.wake_up(tags)
         if tags is None or "kv_cache" in tags:
             self.asleep_level = None
@@ -186,7 +197,9 @@ class VLLMEngine(SamplingEngine):
         the engine's dtype (``weights.iter_weights``), and vLLM's loader consumes them as they come,
         so neither a whole fp32 nor a whole bf16 copy is ever held. Under FSDP this is a collective:
         every rank syncs its engine at the same steps. An engine asleep at level 2 gets its weight
-        memory back first, new weights loaded, then its KV cache (TRL's order).
+        memory back first, new weights loaded, then its KV cache, torch's allocator cache emptied
+        before each wake (TRL's colocate order, verl's sharding manager): the KV cache, the largest
+        allocation, is mapped last, after the gather buckets are freed.
 
         reload_weights rather than the model's own load_weights: on CPU vLLM repacks every linear
         weight for its GEMM kernels after loading and frees the original, so only the reload

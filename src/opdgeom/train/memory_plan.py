@@ -159,6 +159,14 @@ def meta_model(shape: ModelShape):
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
+def layer_forward_bytes(shape: ModelShape, tokens: int, dtype_bytes: int = BF16) -> int:
+    """One decoder layer's no-grad forward over ``tokens`` positions at its peak: the residual stream,
+    its norm, attention output and MLP output (4H), the q, k, v projections and the attention result
+    (2q + 2kv), and the MLP's gate, up and activated intermediates (3I)."""
+    per_token = 4 * shape.hidden_size + 2 * shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate_size
+    return tokens * per_token * dtype_bytes
+
+
 def shard_numel(shape: tuple[int, ...], world_size: int) -> int:
     """Elements of one parameter on each rank under FSDP2: dim-0 chunks of ceil(d0 / W) rows, padded."""
     if not shape:
@@ -216,13 +224,14 @@ class MemoryPlan:
     micro_batch_tokens: int
     chunk_tokens: int
     components: tuple[Component, ...]
+    phases: tuple[str, ...] = PHASES  # a training job's; an evaluate job has its own (train/eval_plan.py)
 
     def phase_bytes(self, phase: str) -> int:
         return sum(c.bytes for c in self.components if phase in c.phases)
 
     @property
     def peak_phase(self) -> str:
-        return max(PHASES, key=self.phase_bytes)
+        return max(self.phases, key=self.phase_bytes)
 
     @property
     def peak_bytes(self) -> int:
@@ -240,7 +249,7 @@ class MemoryPlan:
         return {
             **{k: v for k, v in dataclasses.asdict(self).items() if k != "components"},
             "components": [dataclasses.asdict(c) for c in self.components],
-            "phase_bytes": {p: self.phase_bytes(p) for p in PHASES},
+            "phase_bytes": {p: self.phase_bytes(p) for p in self.phases},
             "peak_phase": self.peak_phase,
             "peak_bytes": self.peak_bytes,
             "usable_bytes": self.usable_bytes,
@@ -256,9 +265,9 @@ class MemoryPlan:
             f"  {'component':<22} {'GB':>7}  {'phases':<20} formula",
         ]
         for c in self.components:
-            phases = "all" if c.phases == PHASES else ",".join(c.phases)
+            phases = "all" if c.phases == self.phases else ",".join(c.phases)
             lines.append(f"  {c.name:<22} {c.bytes / GB:7.2f}  {phases:<20} {c.formula}")
-        for p in PHASES:
+        for p in self.phases:
             lines.append(f"  phase {p:<16} {self.phase_bytes(p) / GB:7.2f}")
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(
@@ -274,7 +283,7 @@ def sharded(shape: ModelShape, world_size: int) -> ShardedModel:
     return ShardedModel.of(meta_model(shape), world_size)
 
 
-def _largest(family: dict, roles: tuple[str, ...]) -> tuple[str, ModelShape]:
+def largest_model(family: dict, roles: tuple[str, ...]) -> tuple[str, ModelShape]:
     """The largest model among the roles present (the worst run of the study decides the fit)."""
     found = [(r, shape_of(family["models"][r])) for r in roles if r in family["models"]]
     sized = [(r, s, sharded(s, 1).params) for r, s in found]
@@ -303,8 +312,8 @@ def plan(
     if gpus < 1 or gpu_mem_gb <= 0:
         raise ValueError(f"memory plan: need gpus >= 1 and gpu_mem_gb > 0, got {gpus}, {gpu_mem_gb}")
     settings = {"batch_size": 64, "group_size": 8, "max_new_tokens": 1024, **(train or {}), **family.get("train", {})}
-    student_name, s_shape = _largest(family, ("student", "student_alt"))
-    teacher_name, t_shape = _largest(family, ("teacher", "teacher_alt"))
+    student_name, s_shape = largest_model(family, ("student", "student_alt"))
+    teacher_name, t_shape = largest_model(family, ("teacher", "teacher_alt"))
     # The family's own training settings decide the micro-batch and the compute precision.
     micro_batch_tokens = settings.get("micro_batch_tokens") or micro_batch_tokens
     return plan_shapes(
@@ -355,8 +364,8 @@ def plan_shapes(
         components += [
             Component(
                 "student gathered",
-                compute * s.root_params + 2 * (compute + BF16 + FP32) * s.max_layer_params,
-                "2 B x root + 2 layers x (2 B param + 2 B grad + 4 B fp32 reduce-scatter)",
+                (compute + BF16 + FP32) * s.root_params + 2 * (compute + BF16 + FP32) * s.max_layer_params,
+                "(root + 2 layers) x (2 B param + 2 B grad + 4 B fp32 reduce-scatter)",
                 update,
             ),
             Component(
@@ -381,8 +390,8 @@ def plan_shapes(
         ),
         Component(
             "teacher scoring",
-            N * t_shape.hidden_size * BF16 * 4 + chunk_tokens * t_shape.vocab_size * (BF16 + FP32),
-            "4 x 2 B x N x H_teacher (no grad) + chunk x V x (2 B + 4 B)",
+            layer_forward_bytes(t_shape, N) + chunk_tokens * t_shape.vocab_size * (BF16 + FP32),
+            "2 B x N x (4H + 2q + 2kv + 3I) of the teacher (one layer, no grad) + chunk x V x (2 B + 4 B)",
             score,
         ),
     ]
