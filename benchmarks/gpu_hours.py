@@ -1,14 +1,20 @@
-"""GPU-hours of a hub family's study from FLOP counts and stated throughputs (an estimate, not a
-measurement: every input is printed, and GPU measurements replace them in benchmarks/RESULTS.md).
+"""GPU-hours of a hub family's study from FLOP counts and stated throughputs, over the runs the planner
+actually expands (an estimate, not a measurement: every input is printed, and GPU measurements replace
+them in benchmarks/RESULTS.md).
 
     python benchmarks/gpu_hours.py --family qwen3-8b [--mfu 0.4] [--decode-tok-s 2500]
 
-Formulas, per policy-gradient step (B prompts x G samples, P prompt + C completion tokens each):
-  rollout    C x B x G generated tokens / (decode tok/s per GPU x W GPUs)     (vLLM, colocated)
-  teacher    2 x N_teacher x (P + C) x B x G FLOPs / (peak x MFU x W)       (forward only)
-  update     8 x N_student x (P + C) x B x G FLOPs / (peak x MFU x W)       (fwd + bwd + recompute)
-SFT steps have the update only; evaluation decodes every checkpoint's held-out answers on one GPU
-after loading it. The memory plan (opdgeom memory-plan) decides W: the family's train_resources.
+Per run, on the family's train_resources (W GPUs), from its own run spec (steps, batch, group size,
+teacher, behaviour copy, student size):
+  rollout    C x B x G generated tokens / (decode tok/s per GPU x W)              (vLLM, colocated)
+  teacher    2 x N_teacher x (P + C) x B x G FLOPs / (peak x MFU x W)     (OPD and mixtures; forward)
+  behaviour  2 x N_student x (P + C) x B x G FLOPs / (peak x MFU x W)   (off-policy runs: the frozen copy)
+  update     8 x N_student x (P + C) x B x G FLOPs / (peak x MFU x W)     (fwd + bwd + recompute)
+  sync       a weight sync whenever the sampler changes (on-policy: every step; lagged: every lag)
+  SFT steps: 8 x N_student x (P + C) x B; every run: start-up, and one save per checkpoint.
+Evaluate, per evaluated checkpoint on evaluate.gpus GPUs, in its three phases: an engine start and the
+greedy + sampled decoding, the teacher's load and forward over the samples, the student's load and
+forward over the demonstrations and samples.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from opdgeom.config import load_family
+import yaml
+
+from opdgeom.plan import Study
 from opdgeom.train.memory_plan import meta_model, shape_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +32,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def params(spec: dict) -> float:
     return sum(p.numel() for p in meta_model(shape_of(spec)).parameters())
+
+
+def base_model(study: Study, name: str) -> str:
+    """The family model a run starts from, through its chain of inits."""
+    while name in study.runs:
+        name = study.runs[name].init
+    return name
+
+
+def sync_share(behaviour) -> float:
+    """Weight syncs per step: every step on-policy, every lag steps for a lagged copy, none for the anchor."""
+    if behaviour is None:
+        return 1.0
+    return 1.0 / behaviour.lag if behaviour.policy == "lagged" else 0.0
 
 
 def main() -> None:
@@ -34,41 +56,68 @@ def main() -> None:
     ap.add_argument("--decode-tok-s", type=float, default=2500.0, help="vLLM decode tokens/s per GPU (8B)")
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--completion-tokens", type=int, default=300, help="mean sampled length (cap: max_new_tokens)")
-    ap.add_argument("--load-s", type=float, default=60.0, help="loading one checkpoint for evaluation")
-    ap.add_argument("--pg-runs", type=int, default=16)
-    ap.add_argument("--sft-runs", type=int, default=5)
+    ap.add_argument("--load-gb-s", type=float, default=2.0, help="reading a model folder, GB/s (shared FS)")
+    ap.add_argument("--startup-s", type=float, default=300.0, help="a training job's start (loads, engines, graphs)")
+    ap.add_argument("--save-s", type=float, default=120.0, help="one checkpoint: HF export + DCP state")
+    ap.add_argument("--sync-s", type=float, default=5.0, help="one weight sync into the colocated engines")
+    ap.add_argument("--engine-start-s", type=float, default=90.0, help="one evaluation engine (CUDA graphs)")
     args = ap.parse_args()
 
-    family = load_family(args.family, REPO / "config/families", REPO / "workflow/schemas/family.schema.yaml")
-    train = family["train"]
-    gpus = family.get("train_resources", {}).get("nodes", 1) * family.get("train_resources", {}).get("gpus_per_node", 8)
-    n_student, n_teacher = params(family["models"]["student"]), params(family["models"]["teacher"])
-    flops = args.peak_tflops * 1e12 * args.mfu * gpus
-    seqs = train["batch_size"] * train["group_size"]
-    tokens = seqs * (args.prompt_tokens + args.completion_tokens)
-    rollout_s = seqs * args.completion_tokens / (args.decode_tok_s * gpus)
-    teacher_s = 2 * n_teacher * tokens / flops
-    update_s = 8 * n_student * tokens / flops
-    pg_step = rollout_s + teacher_s + update_s
-    sft_step = 8 * n_student * train["batch_size"] * (args.prompt_tokens + args.completion_tokens) / flops
-    steps, checkpoints = train["steps"], train["steps"] // train["checkpoint_every"] + 1
-    n_eval = family["data"]["n_eval"]
-    eval_ckpt_s = args.load_s + n_eval * args.completion_tokens / args.decode_tok_s
-    runs = args.pg_runs + args.sft_runs
-    rows = [
-        ("SFT", steps * sft_step * gpus / 3600, args.sft_runs),
-        ("OPD / RLVR / mixtures / controls", steps * pg_step * gpus / 3600, args.pg_runs),
-        ("evaluate (every checkpoint, one GPU)", checkpoints * eval_ckpt_s / 3600, runs),
-    ]
-    print(f"family {args.family}: student {n_student / 1e9:.2f}B, teacher {n_teacher / 1e9:.2f}B, {gpus} GPUs per run")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["family"] = args.family
+    study = Study.from_config(config, REPO / "config" / "families", REPO / "workflow" / "schemas")
+    r = study.train_resources
+    gpus = r.nodes * r.gpus_per_node
+    sizes = {name: params(spec) for name, spec in study.models.items()}
+    flops = args.peak_tflops * 1e12 * args.mfu
+    seq = args.prompt_tokens + args.completion_tokens
+    groups: dict[str, list[float]] = {}
+    for name, spec in study.runs.items():
+        t = spec.train
+        n_student = sizes[base_model(study, spec.init)]
+        if spec.method == "sft":
+            step_s = 8 * n_student * t.batch_size * seq / (flops * gpus)
+            group = "SFT anchors and SFT controls"
+        else:
+            seqs = t.batch_size * t.group_size
+            tokens = seqs * seq
+            step_s = seqs * args.completion_tokens / (args.decode_tok_s * gpus) + 8 * n_student * tokens / (
+                flops * gpus
+            )
+            if spec.teacher is not None:
+                step_s += 2 * sizes[spec.teacher] * tokens / (flops * gpus)
+            if spec.behaviour is not None:
+                step_s += 2 * n_student * tokens / (flops * gpus)
+            step_s += sync_share(spec.behaviour) * args.sync_s
+            group = "OPD / RLVR / mixtures / controls"
+        run_s = args.startup_s + t.steps * step_s + len(t.checkpoint_steps) * args.save_s
+        groups.setdefault(group, []).append(run_s * gpus / 3600)
+
+    ev = study.evaluate
+    n_eval, eval_gpus = study.data["n_eval"], ev.get("gpus", 1)
+    n_s, n_t = sizes["student"], sizes["teacher"]
+    decode_s = n_eval * (1 + ev.get("samples", 1)) * args.completion_tokens / args.decode_tok_s
+    teacher_s = 2 * n_t / args.load_gb_s / 1e9 + 2 * n_t * n_eval * ev.get("samples", 1) * seq / (flops * eval_gpus)
+    student_s = 2 * n_s / args.load_gb_s / 1e9 + 2 * n_s * n_eval * (1 + ev.get("samples", 1)) * seq / flops
+    ckpt_s = args.engine_start_s + decode_s + teacher_s + student_s
+    evaluated = 0
+    for ref in study.eval_refs:
+        evaluated += len(study.runs[ref].train.checkpoint_steps) + 1 if ref in study.runs else 1
+    rows = [(g, sum(v) / len(v), len(v)) for g, v in groups.items()]
+    rows.append((f"evaluate ({evaluated} checkpoints, {eval_gpus} GPU each)", ckpt_s * eval_gpus / 3600 * evaluated, 1))
+
+    print(
+        f"family {args.family}: {len(study.runs)} runs, student {n_s / 1e9:.2f}B, teacher {n_t / 1e9:.2f}B, "
+        f"{gpus} GPUs per run"
+    )
     print(
         f"assumed: {args.peak_tflops:g} TFLOP/s x MFU {args.mfu:g}, decode {args.decode_tok_s:g} tok/s/GPU, "
-        f"{args.prompt_tokens} + {args.completion_tokens} tokens per sequence"
+        f"{args.prompt_tokens} + {args.completion_tokens} tokens per sequence, start-up {args.startup_s:g} s, "
+        f"save {args.save_s:g} s per checkpoint, sync {args.sync_s:g} s, model reads {args.load_gb_s:g} GB/s, "
+        f"evaluation engine start {args.engine_start_s:g} s"
     )
-    print(
-        f"one PG step: rollout {rollout_s:.1f} s + teacher {teacher_s:.1f} s + update {update_s:.1f} s "
-        f"= {pg_step:.1f} s"
-    )
+    print(f"one evaluated checkpoint: {ckpt_s / 60:.1f} min (decode {decode_s:.0f} s, teacher {teacher_s:.0f} s, "
+          f"student {student_s:.0f} s)")  # fmt: skip
     print("| stage | GPU-h per run | runs | GPU-h total |\n|---|---:|---:|---:|")
     for name, per_run, n in rows:
         print(f"| {name} | {per_run:.1f} | {n} | {per_run * n:.0f} |")

@@ -8,8 +8,8 @@ the package's own jobs, launched as the workflow launches them:
    OPD with top-KL token selection, bf16 FSDP2 with activation checkpointing, ``micro_batch_tokens``
    small enough that every scoring pass and the loss run several micro-batches, the teacher sharded
    over the ranks, rollouts on colocated vLLM engines (asleep during the update, synced after it);
-2. ``opdgeom evaluate`` on the run's checkpoints with the teacher: greedy answers on a vLLM engine and
-   the sampled reverse KL to the teacher.
+2. ``opdgeom evaluate`` on the run's checkpoints with the teacher, in its three phases: greedy and
+   sampled answers on a vLLM engine, the teacher alone, then the student with the reverse KL.
 
 It prints each job's wall time, peak GPU memory (nvidia-smi, polled), the training log's step lines
 (tokens/s) and exits non-zero if a job fails. Record what it prints in benchmarks/RESULTS.md.
@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--timeout", type=int, default=420, help="seconds per job")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (tests the path only)")
+    parser.add_argument(
+        "--engine", choices=["vllm", "hf"], help="rollout and evaluation engine (default: vllm on GPUs, hf on CPU)"
+    )
+    parser.add_argument("--score-tokens", type=int, default=4096, help="evaluate's padded tokens per teacher pass")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(out / "eval.jsonl", held_out)
     print(f"models and data: {time.perf_counter() - t0:.1f} s in {out}")
 
-    engine = "vllm" if on_gpu else "hf"
+    engine = args.engine or ("vllm" if on_gpu else "hf")
     spec = {
         "name": "smoke", "method": "opd", "init": "student", "domain": "math",
         "token_mask": {"select": "top", "keep": 0.5},
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_cmd = (
         f"python -m opdgeom evaluate --manifest {out / 'run' / 'manifest.json'} --ref smoke "
         f"--eval-data {out / 'eval.jsonl'} --domain math --max-new-tokens {args.max_new_tokens} --batch-size 32 "
-        f"--teacher {teacher} --samples 2 --engine {engine} --out {out / 'eval.parquet'}"
+        f"--teacher {teacher} --samples 2 --engine {engine} --score-tokens {args.score_tokens} "
+        f"--out {out / 'eval.parquet'}"
     )
     results = []
     for name, cmd in (("train", train_cmd), ("evaluate", eval_cmd)):

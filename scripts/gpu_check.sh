@@ -2,7 +2,9 @@
 # One GPU, well under 8 minutes: OPD steps at Qwen3-8B / Qwen3-32B layer shapes (a few layers, random
 # weights from the config, no hub) through the training code's FSDP2 bf16 + activation-checkpointing
 # path, printing tokens/s per phase and peak memory next to the memory plan's prediction; then the
-# plans of the 8B families on 8 x 80 GB. Record the numbers in benchmarks/RESULTS.md.
+# plans of the 8B families on 8 x 80 GB (training) and one evaluate job; then benchmarks/gpu_smoke.py
+# (two ranks at real layer shapes, >= 3 OPD steps, one evaluate job). Record the numbers in
+# benchmarks/RESULTS.md.
 # Extra arguments go to the benchmark (e.g. --layers 8).
 #
 # Exit status: 0 when it measured, and 0 without measuring only where nothing says a GPU was expected
@@ -36,4 +38,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 timeout 420 "$PY" benchmarks/bench_train_memory.py --layers 4 --teacher-layers 2 --rows 8 --seq-len 2048 --steps 3 "$@"
 for family in qwen3-8b llama3-8b; do
     "$PY" -m opdgeom memory-plan --family "$family" --gpus 8 --gpu-mem-gb 80
+    "$PY" -m opdgeom memory-plan --family "$family" --gpu-mem-gb 80 --evaluate
 done
+# The cluster path end to end (train under torchrun with colocated engines, then evaluate): on vLLM
+# where the vLLM environment is here (PY_VLLM), otherwise on transformers engines, said so.
+PY_VLLM=${PY_VLLM:-$PY}
+if "$PY_VLLM" -c "import vllm" 2>/dev/null; then
+    timeout 420 "$PY_VLLM" benchmarks/gpu_smoke.py --engine vllm
+else
+    echo "gpu_check: no vLLM in $PY_VLLM (set PY_VLLM to the envs/vllm-gpu.yaml python): gpu_smoke on transformers engines"
+    timeout 420 "$PY" benchmarks/gpu_smoke.py --engine hf
+fi

@@ -3,6 +3,9 @@ its GPUs, the planner refuses a study whose evaluate jobs would not, and the pla
 ``evaluate.checkpoint_metrics`` runs (never two large models at once)."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -76,3 +79,14 @@ def test_cli_prints_the_evaluate_plan(capsys):
     assert out["fits"] and set(out["phase_bytes"]) == set(EVAL_PHASES) and out["gpus"] == 1
     assert cli_main(["memory-plan", "--family", "qwen3-8b", "--gpu-mem-gb", "40", "--evaluate"]) == 0
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_the_gpu_hours_estimate_counts_the_runs_the_planner_expands(repo):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_hours.py", "--family", "qwen3-8b"], cwd=repo, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = len(study(config_for("qwen3-8b")).runs)
+    assert f"{runs} runs" in proc.stdout and runs == 27
+    counts = re.findall(r"^\| (SFT[^|]*|OPD[^|]*) \| [\d.]+ \| (\d+) \|", proc.stdout, re.M)
+    assert sum(int(n) for _, n in counts) == runs
