@@ -108,14 +108,10 @@ def check_evaluate_fits(family: dict, evaluate: dict, gpu_mem_gb: float, **optio
     """The plan, or ValueError naming the phase, its largest components and the settings to change."""
     result = eval_plan(family, evaluate, gpu_mem_gb, **options)
     if not result.fits:
-        phase = result.peak_phase
-        worst = sorted((c for c in result.components if phase in c.phases), key=lambda c: -c.bytes)
-        parts = ", ".join(f"{c.name} {c.bytes / GB:.1f} GB" for c in worst[:4])
         raise ValueError(
-            f"an evaluate job of family {result.family!r} does not fit {result.gpus} x {gpu_mem_gb:g} GB: peak "
-            f"{result.peak_bytes / GB:.1f} GB ({phase} phase: {parts}) > {result.usable_bytes / GB:.1f} GB usable "
-            f"({result.headroom:.0%} headroom); lower evaluate.batch_size, evaluate.score_tokens or "
-            "evaluate.kv_cache_gb, spread the teacher over more GPUs (evaluate.gpus), or use larger GPUs"
+            f"an evaluate job of family {result.family!r} does not fit {result.gpus} x {gpu_mem_gb:g} GB: "
+            f"{result.overflow(4)}; lower evaluate.batch_size, evaluate.score_tokens or evaluate.kv_cache_gb, "
+            "spread the teacher over more GPUs (evaluate.gpus), or use larger GPUs"
         )
     return result
 

@@ -245,6 +245,15 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.peak_bytes <= self.usable_bytes
 
+    def overflow(self, largest: int = 5) -> str:
+        """Why it does not fit: the peak, its phase's largest components and the usable memory."""
+        worst = sorted((c for c in self.components if self.peak_phase in c.phases), key=lambda c: -c.bytes)
+        parts = ", ".join(f"{c.name} {c.bytes / GB:.1f} GB" for c in worst[:largest])
+        return (
+            f"peak {self.peak_bytes / GB:.1f} GB per rank ({self.peak_phase} phase: {parts}) > "
+            f"{self.usable_bytes / GB:.1f} GB usable ({self.headroom:.0%} headroom)"
+        )
+
     def to_json(self) -> dict:
         return {
             **{k: v for k, v in dataclasses.asdict(self).items() if k != "components"},
@@ -429,13 +438,9 @@ def check_fits(family: dict | str, gpus: int, gpu_mem_gb: float, **options) -> M
     preset = load_family_preset(family) if isinstance(family, str) else family
     result = plan(preset, gpus, gpu_mem_gb, **options)
     if not result.fits:
-        phase = result.peak_phase
-        worst = sorted((c for c in result.components if phase in c.phases), key=lambda c: -c.bytes)
-        parts = ", ".join(f"{c.name} {c.bytes / GB:.1f} GB" for c in worst[:5])
         raise ValueError(
-            f"family {result.family!r} does not fit {gpus} x {gpu_mem_gb:g} GB: peak {result.peak_bytes / GB:.1f} GB "
-            f"per rank ({phase} phase: {parts}) > {result.usable_bytes / GB:.1f} GB usable "
-            f"({result.headroom:.0%} headroom); use more GPUs (train_resources) or larger ones"
+            f"family {result.family!r} does not fit {gpus} x {gpu_mem_gb:g} GB: {result.overflow()}; "
+            "use more GPUs (train_resources) or larger ones"
         )
     return result
 
