@@ -62,14 +62,15 @@ def model_logprobs(model, ids: list[int]) -> list[float]:
 class ColocatedRollout:
     """A rank's sampling engine and when it takes new weights.
 
-    The engine is built from the run's init folder, so it starts holding the frozen anchor's
-    weights (an anchor run never syncs); any other version syncs at its first use.
+    ``holds_init``: the engine was built from the run's init folder, so it holds the frozen anchor's
+    weights (an anchor run never syncs); otherwise (dummy weights) it holds no version and syncs at
+    its first use, as every non-anchor version does anyway.
     ``bucket_bytes``: how much of the gathered policy is in flight at once during a sync.
     """
 
-    def __init__(self, engine, bucket_bytes: int | None = None, rank: int = 0):
+    def __init__(self, engine, bucket_bytes: int | None = None, rank: int = 0, holds_init: bool = True):
         self.engine = engine
-        self.version: tuple | None = FROZEN
+        self.version: tuple | None = FROZEN if holds_init else None
         self.bucket_bytes = bucket_bytes
         self.rank = rank
         self.sync_seconds: list[float] = []

@@ -73,6 +73,7 @@ class VLLMEngine(SamplingEngine):
         seed: int = 0,
         sleep_mode: bool | None = None,
         max_num_batched_tokens: int | None = None,
+        load_format: str = "auto",
     ):
         """``colocated``: this process is one rank of a torchrun job and the engine joins its world
         (``distributed_executor_backend="external_launcher"``, TP 1: one whole engine per rank, each
@@ -81,7 +82,8 @@ class VLLMEngine(SamplingEngine):
         supports it (CUDA, ROCm, XPU) and off elsewhere (the CPU build rejects it at start-up).
         ``enforce_eager``: None captures CUDA graphs on GPUs (decoding is launch-bound without them;
         the in-place weight sync keeps the graphs' tensor addresses) and runs eager on the CPU, where
-        vLLM would compile for minutes for a few-second test.
+        vLLM would compile for minutes for a few-second test. ``load_format="dummy"``: random weights
+        instead of reading ``model_dir``'s, for an engine whose first ``sync_weights`` replaces them.
         """
         # Read when the first engine starts (vLLM caches its settings from then on).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -112,6 +114,7 @@ class VLLMEngine(SamplingEngine):
             enforce_eager=enforce_eager,
             seed=seed,
             enable_sleep_mode=self.sleep_mode,
+            load_format=load_format,
             **extra,
         )
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id

@@ -72,7 +72,7 @@ def make_behaviour(run: RunSpec, init: Path, world: World):
     return LaggedPolicy(load_frozen(init, run.train, world), run.behaviour.lag)
 
 
-def make_engine(settings: TrainSettings, init: Path, world: World):
+def make_engine(settings: TrainSettings, init: Path, world: World, behaviour=None):
     """The rollout engine: None for transformers generate (default), or this rank's colocated vLLM
     engine (``rollout.colocate.ColocatedRollout``), kept for the whole run: built from ``init``,
     re-synced from the (sharded) behaviour weights whenever they change, asleep during updates.
@@ -80,12 +80,15 @@ def make_engine(settings: TrainSettings, init: Path, world: World):
     Under torchrun every rank holds one whole engine (tensor-parallel 1) that joins the job's process
     group (vLLM's external_launcher) and samples the rank's own prompts. A vLLM build that does not
     match this torch, or an engine that cannot fit beside the trainer, fails here, before step 1.
+    Only an engine sampling the frozen anchor (``behaviour.policy == "anchor"``) keeps the weights it
+    starts with; every other one is synced before its first rollout, so it starts from vLLM's dummy
+    weights instead of reading the init folder a second time.
     """
     if settings.rollout_engine == "hf":
         return None
     if settings.rollout_engine != "vllm":
         raise ValueError(f"rollout_engine must be 'hf' or 'vllm', got {settings.rollout_engine!r}")
-    return _colocated_engine(settings, init, world)
+    return _colocated_engine(settings, init, world, keeps_init=behaviour is not None and behaviour.policy == "anchor")
 
 
 def engine_settings(settings: TrainSettings, model_dir: Path, world: World, trainer_dir: Path) -> dict:
@@ -119,7 +122,7 @@ def engine_settings(settings: TrainSettings, model_dir: Path, world: World, trai
     return {"kwargs": kwargs, "verdict": verdict}
 
 
-def _vllm_engine(role: str, model_dir: Path, settings: TrainSettings, init: Path, world: World):
+def _vllm_engine(role: str, model_dir: Path, settings: TrainSettings, init: Path, world: World, **extra):
     """This rank's colocated engine over ``model_dir`` (checked against the trainer built from ``init``)."""
     from opdgeom.rollout.colocate import check_vllm_build
 
@@ -128,13 +131,15 @@ def _vllm_engine(role: str, model_dir: Path, settings: TrainSettings, init: Path
 
     plan = engine_settings(settings, model_dir, world, trainer_dir=init)
     log(f"{role} engine: vLLM ({build}), {world.size} colocated engine(s), {plan['verdict']}")
-    return VLLMEngine(model_dir, colocated=world.size > 1, seed=world.rank, **plan["kwargs"])
+    return VLLMEngine(model_dir, colocated=world.size > 1, seed=world.rank, **plan["kwargs"], **extra)
 
 
-def _colocated_engine(settings: TrainSettings, init: Path, world: World):
+def _colocated_engine(settings: TrainSettings, init: Path, world: World, keeps_init: bool):
     from opdgeom.rollout.colocate import ColocatedRollout
 
-    return ColocatedRollout(_vllm_engine("rollout", init, settings, init, world), rank=world.rank)
+    load = {} if keeps_init else {"load_format": "dummy"}
+    engine = _vllm_engine("rollout", init, settings, init, world, **load)
+    return ColocatedRollout(engine, rank=world.rank, holds_init=keeps_init)
 
 
 def make_teacher_engine(settings: TrainSettings, teacher: Path, init: Path, world: World):
@@ -178,7 +183,7 @@ def make_method(run: RunSpec, tokenizer, examples, init: Path, teacher_path, see
         teacher=teacher,
         behaviour=make_behaviour(run, init, world),
         world=world,
-        engine=make_engine(run.train, init, world),
+        engine=make_engine(run.train, init, world, run.behaviour),
     )
 
 
