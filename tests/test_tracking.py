@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
@@ -142,7 +141,6 @@ def test_wandb_offline_run_holds_the_series_and_the_config(sandbox):
     assert list(run_file.parent.glob("files/media/html/events/alert_3_*.html"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio not installed (it pins pillow<13)")
 def test_trackio_project_holds_the_series_the_config_and_the_event(sandbox, monkeypatch):
     # The tracker sets TRACKIO_DIR before trackio's first import; setting it here undoes that afterwards.
     monkeypatch.setenv("TRACKIO_DIR", str((sandbox / "trackio").resolve()))
