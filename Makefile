@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test test-main test-vllm smoke dry-run lint format clean
+.PHONY: run test test-main test-vllm smoke dry-run lint format clean sandbox-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ test: test-main test-vllm  ## everything CI runs: the main suite, then the vLLM 
 
 # One torch thread per test process: on a 2-core machine with several processes at once, more
 # threads only fight (a tiny training step went from 0.05 s to 5 s under load).
-test-main: lint  ## lint, then unit, training, distributed, workflow and Slurm tests
+test-main: lint sandbox-deps  ## lint, then unit, training, distributed, workflow and Slurm tests
 	OMP_NUM_THREADS=1 pytest
+
+# bubblewrap, the sandbox that runs model-written code (the hub families' code domain and its tests;
+# the tiny study never needs it): apt-get as root, else the command to run is printed.
+sandbox-deps:
+	scripts/sandbox_deps.sh
 
 $(VLLM_VENV)/.installed: pyproject.toml scripts/vllm_env.sh
 	PYTHON=$(PYTHON) scripts/vllm_env.sh $(VLLM_VENV)

@@ -66,7 +66,9 @@ def _fetch_models(args) -> None:
 
 
 def _train(args) -> None:
+    from opdgeom.geometry.live import MonitorSettings
     from opdgeom.spec import RunSpec
+    from opdgeom.tracking import TrackerSettings
     from opdgeom.train.run import train_run
 
     train_run(
@@ -77,6 +79,8 @@ def _train(args) -> None:
         args.seed,
         teacher=args.teacher,
         projection_basis=args.projection_basis,
+        tracker=TrackerSettings(args.tracker, args.tracker_project, args.wandb_mode),
+        monitor=MonitorSettings(args.monitor_every, args.monitor_k) if args.monitor_every else None,
     )
 
 
@@ -205,6 +209,12 @@ def _memory_plan(args) -> None:
     print(memory_plan(args.family, args.gpus, args.gpu_mem_gb, as_json=args.json))
 
 
+def _tracker_arguments(p) -> None:
+    p.add_argument("--tracker", choices=["none", "tensorboard", "wandb", "trackio"], default="none")
+    p.add_argument("--tracker-project", default="opdgeom", help="the tracker's project (W&B, trackio)")
+    p.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default="offline")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdgeom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", type=Path)
     p.add_argument("--projection-basis", type=Path, help="the training subspace (written by `opdgeom basis`)")
     p.add_argument("--seed", type=int, default=0)
+    _tracker_arguments(p)
+    p.add_argument("--monitor-every", type=int, help="live channel geometry every N steps (monitor.parquet)")
+    p.add_argument("--monitor-k", type=int, default=16, help="the monitor's subspace dimension K")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_train)
 

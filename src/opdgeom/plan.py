@@ -313,6 +313,15 @@ class Study:
         except ValueError as err:
             raise ConfigError(f"config: family {self.name}: evaluate: {err}") from None
 
+    def watch_flags(self) -> str:
+        """The train command's tracker and monitor flags, from the config's ``tracker`` and ``monitor``."""
+        tracker, monitor = self.config.get("tracker", {}), self.config.get("monitor", {})
+        flags = [f"--tracker {tracker.get('kind', 'none')}", f"--tracker-project {tracker.get('project', 'opdgeom')}",
+                 f"--wandb-mode {tracker.get('wandb_mode', 'offline')}"]  # fmt: skip
+        if monitor.get("every", 0):
+            flags.append(f"--monitor-every {monitor['every']} --monitor-k {monitor.get('k', 16)}")
+        return " ".join(flags)
+
     def eval_budget_flags(self) -> str:
         """The evaluate command's memory flags, from the resolved ``evaluate`` settings ("" when unset)."""
         flags = {"--score-tokens": self.evaluate.get("score_tokens"), "--kv-cache-gb": self.evaluate.get("kv_cache_gb")}

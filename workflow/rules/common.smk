@@ -92,6 +92,10 @@ def run_flags(wildcards):
     return flags
 
 
+def watch_flags():
+    return STUDY.watch_flags()
+
+
 def eval_budget_flags():
     return STUDY.eval_budget_flags()
 

@@ -25,7 +25,8 @@ rule train:
         paths=run_flags,
         out=lambda wc: str(STUDY.run_dir(wc.run)),
         seed=lambda wc: STUDY.run_seed(wc.run),
+        watch=watch_flags(),
     shell:
         "echo {params.software:q} > {log}; "
         "{params.launch} -m opdgeom train --spec {params.spec:q} {params.paths} --train-data {input.train_data} "
-        "--seed {params.seed} --out {params.out} 2>> {log}"
+        "--seed {params.seed} --out {params.out} {params.watch} 2>> {log}"

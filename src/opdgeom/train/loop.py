@@ -58,6 +58,7 @@ def train(
     fingerprint: str,
     projection=None,
     world: World = SINGLE,
+    watch=None,
 ) -> list[dict]:
     """Train ``model`` in place for ``settings.steps`` steps; return the checkpoint records.
 
@@ -69,6 +70,7 @@ def train(
     ``settings.micro_batch_tokens`` padded tokens; the method fixed the loss normalizer for the whole
     step, so the accumulated gradient is the whole batch's.
     ``projection`` (optional) constrains gradients after backward or weights after each update.
+    ``watch`` (optional, ``train.watch.RunWatch``) gets every step's numbers (tracker, live geometry).
     Under torchrun (``world.size`` > 1) the model arrives sharded: every rank writes its shards of
     the trainer state (DCP), and the exported bf16 checkpoint is gathered tensor by tensor.
     """
@@ -90,6 +92,8 @@ def train(
         log(f"resuming from step {start} ({run_dir / STATE_DIR})")
     elif meta is not None:
         log(f"ignoring {run_dir / STATE_DIR}: it belongs to another configuration")
+    if watch is not None:
+        watch.resume(start)
 
     t_start = time.perf_counter()
     model.train()
@@ -121,17 +125,23 @@ def train(
         t_step = time.perf_counter() - t0
 
         done = step + 1
+        # Rollout throughput counts generated tokens over the batch phase (sampling + scoring);
+        # update throughput counts trained tokens over the forward/backward/optimizer phase.
+        rates = {"update_tok/s": stats["trained_tokens"] / (t_step - t_batch)}
+        if "rollout_tokens" in stats:
+            rates["rollout_tok/s"] = stats["rollout_tokens"] / t_batch
+        if watch is not None:
+            numbers = {**stats, "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0], **rates}
+            watch.step(model, done, numbers, t_step)
         if done % max(1, steps // 20) == 0 or done == steps or done == start + 1:
             elapsed = time.perf_counter() - t_start
             eta = elapsed / (done - start) * (steps - done)
             extras = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k not in ("trained_tokens",))
             micro = f"micro_batches={len(groups)} " if len(groups) > 1 else ""
-            # Rollout throughput counts generated tokens over the batch phase (sampling + scoring);
-            # update throughput counts trained tokens over the forward/backward/optimizer phase.
-            rollout = f"rollout_tok/s={stats['rollout_tokens'] / t_batch:.0f} " if "rollout_tokens" in stats else ""
+            rollout = f"rollout_tok/s={rates['rollout_tok/s']:.0f} " if "rollout_tok/s" in rates else ""
             log(
                 f"step {done}/{steps} {extras} grad_norm={grad_norm.item():.3g} {micro}{rollout}"
-                f"update_tok/s={stats['trained_tokens'] / (t_step - t_batch):.0f} "
+                f"update_tok/s={rates['update_tok/s']:.0f} "
                 f"batch_s={t_batch:.2f} step_s={t_step:.2f} eta={eta:.0f}s"
             )
 
@@ -152,4 +162,6 @@ def train(
                 raise NonFiniteError(f"step {done}: {err}") from None
             meta = {"fingerprint": fingerprint, "step": done, "tokens": tokens_seen, "records": records, "wall": wall}
             save_trainer_state(run_dir, model, optimizer, method, {**meta, "scheduler": scheduler.state_dict()}, world)
+            if watch is not None:
+                watch.checkpoint()
     return records

@@ -10,18 +10,21 @@ from pathlib import Path
 
 import torch
 
+from opdgeom.geometry.live import MonitorSettings
 from opdgeom.manifest import write_manifest
 from opdgeom.models import build_model, load_tokenizer, save_model
 from opdgeom.rollout.colocate import close_engines
 from opdgeom.spec import RunSpec, TrainSettings
 from opdgeom.tasks import get_task
 from opdgeom.tasks.files import read_jsonl
+from opdgeom.tracking import TrackerSettings, open_tracker
 from opdgeom.train.behaviour import FrozenPolicy, LaggedPolicy, OnPolicy
 from opdgeom.train.distributed import SINGLE, World, barrier, load_sharded, setup, teardown
 from opdgeom.train.loop import STATE_DIR, log, train
 from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
 from opdgeom.train.projection import SubspaceProjection
 from opdgeom.train.teacher import TeacherScorer
+from opdgeom.train.watch import RunWatch
 
 
 def fingerprint(*parts) -> str:
@@ -195,10 +198,14 @@ def train_run(
     seed: int,
     teacher: Path | None = None,
     projection_basis: Path | None = None,
+    tracker: TrackerSettings | None = None,
+    monitor: MonitorSettings | None = None,
 ) -> Path:
     """Train ``run`` from ``init``; write checkpoints and manifest.
 
     ``projection_basis``: the subspace file (``opdgeom basis``) of a subspace-projected run.
+    ``tracker``: where the per-step numbers go besides the log (rank 0 only; default none);
+    ``monitor``: the live channel geometry every ``monitor.every`` steps (``monitor.parquet``).
     """
     init, train_data, out_dir = Path(init), Path(train_data), Path(out_dir)
     world = setup(one_rank_group=run.train.mixed_precision == "bf16")
@@ -228,7 +235,12 @@ def train_run(
         f"run {run.name}: method={run.method} init={init} examples={len(examples)} "
         f"steps={run.train.steps} device={world.device} world={world.size}"
     )
-    records = train(model, tokenizer, method, run.train, out_dir, fp, projection, world)
+    tracking = open_tracker(tracker or TrackerSettings(), run.name, out_dir, run.to_json(), world.rank)
+    watch = RunWatch(model, run.train.steps, run.train.checkpoint_steps, out_dir, tracking, monitor, world)
+    try:
+        records = train(model, tokenizer, method, run.train, out_dir, fp, projection, world, watch)
+    finally:
+        watch.close()
     extra = {}
     if projection is not None:
         energy = projection.energy_outside()  # a collective under torchrun: before teardown, on every rank
