@@ -11,8 +11,8 @@ Per layer matrix (kind "matrix", as ``geometry.stream.classify`` names them):
   right singular subspaces, ref = the saved checkpoint nearest ``reference_fraction`` of the run (the
   projection runs' rule), NaN before it.
 
-W_t is rounded to bf16 first, as every exported checkpoint is: at a checkpoint step these are the exact
-engine's numbers for that checkpoint (``geometry.trajectory``, float64 SVD), up to the iterative top-K
+W_t is rounded to bf16 first, as every exported checkpoint is (``checkpoint_dtype``; None for a trainer
+that saves fp32): at a checkpoint step these are the exact engine's numbers for that checkpoint (``geometry.trajectory``, float64 SVD), up to the iterative top-K
 method's error. Sums over a matrix's rows (norms, counts, Gram products) are completed by ``reduce``, a
 sum over ranks (the identity on one process), so every rank ends with the same replicated values.
 
@@ -52,6 +52,9 @@ class MonitorSettings:
     eta: float = 1e-3
     sim_below: float = 0.5  # alert: Sim_K to the reference below this
     stable_rank_band: float = 2.0  # alert: stable rank beyond [ref / band, ref x band]
+    # W_t is rounded to this dtype first, as the run's checkpoints store it (bf16: opdgeom's exports;
+    # None: weights as they are, for trainers that save fp32 checkpoints)
+    checkpoint_dtype: torch.dtype | None = torch.bfloat16
 
     def __post_init__(self):
         if self.every < 1 or self.k < 1 or self.iters < 1 or not 0 < self.reference_fraction <= 1:
@@ -108,7 +111,7 @@ def _row_range(param: torch.Tensor) -> tuple[int, int]:
 class _Matrix:
     name: str
     numel: int
-    w0_mn: torch.Tensor  # this rank's rows of the init, bf16 (what the init folder holds)
+    w0_mn: torch.Tensor  # this rank's rows of the init, in the checkpoint dtype (bf16: what the init folder holds)
     rows: tuple[int, int]  # which rows of the whole matrix they are
     k: int
     basis_nk: torch.Tensor | None = None
@@ -134,7 +137,7 @@ class ChannelMonitor:
         for name, param in model.named_parameters():
             if param.ndim == 2 and classify(name, 2).kind == "matrix":
                 k = min(settings.k, *param.shape)
-                w0 = _local(param).to(torch.bfloat16, copy=True)
+                w0 = _local(param).to(settings.checkpoint_dtype or param.dtype, copy=True)
                 self.matrices.append(_Matrix(name, param.numel(), w0, _row_range(param), k))
         if not self.matrices:
             raise ValueError("monitor: the model has no layer matrices to watch")
@@ -179,8 +182,9 @@ class ChannelMonitor:
     def _matrix(self, m: _Matrix, w_local: torch.Tensor, index: int, step: int) -> dict[str, float]:
         work = torch.float64 if w_local.device.type == "cpu" else torch.float32
         w0 = m.w0_mn.to(work)
-        dw = w_local.to(torch.bfloat16).to(work) - w0  # W_t as its checkpoint holds it
-        unchanged = unchanged_count(m.w0_mn, w_local.to(torch.bfloat16), self.settings.eta)
+        w_t = w_local.to(m.w0_mn.dtype)  # W_t as its checkpoint holds it
+        dw = w_t.to(work) - w0
+        unchanged = unchanged_count(m.w0_mn, w_t, self.settings.eta)
         totals = self.reduce(torch.tensor([float((dw**2).sum()), float((w0**2).sum()), unchanged, dw.numel()],
                                           dtype=torch.float64, device=dw.device)).cpu()  # fmt: skip
         delta_sq, base_sq, unchanged, numel = totals.tolist()
