@@ -180,6 +180,24 @@ def _diagnose(args) -> None:
     diagnose(args.base, args.runs, args.out, settings)
 
 
+def _watch(args) -> None:
+    from opdgeom.diagnose import Settings
+    from opdgeom.diagnose.follow import follow
+    from opdgeom.tracking import TrackerSettings, open_tracker
+
+    settings = Settings(
+        k=args.k, trajectory_k=args.trajectory_k, device=args.device, cache=args.cache,
+        use_cache=not args.no_cache, allow_download=args.allow_download, progress=not args.no_progress,
+    )  # fmt: skip
+    tracking = TrackerSettings(args.tracker, args.tracker_project, args.wandb_mode)
+    config = {"base": args.base, "run_dir": str(args.run_dir), "k": args.k, "trajectory_k": args.trajectory_k}
+    with open_tracker(tracking, f"watch-{args.run_dir.resolve().name}", args.out, config) as tracker:
+        follow(
+            args.base, args.run_dir, args.out, settings, poll_s=args.poll, max_idle_s=args.max_idle,
+            once=args.once, tracker=None if args.tracker == "none" else tracker,
+        )  # fmt: skip
+
+
 def _cache(args) -> None:
     from opdgeom.geometry import cache
 
@@ -337,6 +355,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-download", action="store_true", help="download a hub BASE missing from the HF cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_diagnose)
+
+    p = sub.add_parser("watch", help="follow a run folder while it is written: diagnose page updated per checkpoint")
+    p.add_argument("base", help="the base model: an HF folder or a hub id org/name[@revision] in the local HF cache")
+    p.add_argument("run_dir", type=Path, help="the run folder (TRL checkpoint-N/, verl global_step_N/, opdgeom)")
+    p.add_argument("--out", type=Path, required=True, help="output folder: index.html, tables/, figures/, tracker")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between scans of RUN_DIR")
+    p.add_argument("--max-idle", type=float, help="stop after this many seconds without a new checkpoint")
+    p.add_argument("--once", action="store_true", help="one pass over what is complete now, then exit")
+    p.add_argument("--k", type=int, default=16, help="subspace rank for principal angles and masks")
+    p.add_argument("--trajectory-k", type=int, default=16, help="K of the trajectory's subspace similarity")
+    p.add_argument("--cache", type=Path, help="statistics cache (default $OPDGEOM_CACHE or ~/.cache/opdgeom)")
+    p.add_argument("--no-cache", action="store_true", help="compute every statistic afresh, store nothing")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--allow-download", action="store_true", help="download a hub BASE missing from the HF cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _tracker_arguments(p)
+    p.set_defaults(func=_watch)
 
     p = sub.add_parser("cache", help="inspect or garbage-collect the statistics cache")
     p.add_argument("action", choices=["info", "gc"])
