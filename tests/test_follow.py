@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from opdgeom.diagnose import Settings
 from opdgeom.diagnose import follow as follow_module
-from opdgeom.diagnose.follow import follow
+from opdgeom.diagnose.follow import Scanner, finished, follow
 from opdgeom.geometry.cache import StatCache
 from opdgeom.models import build_model, save_model
 from opdgeom.tokenizer import build_char_tokenizer
@@ -147,13 +148,14 @@ def test_follow_a_folder_being_written(staged, tmp_path, monkeypatch, capsys):
         writer.wait(timeout=60)
     elapsed = time.monotonic() - started
     err = capsys.readouterr().err
+    print(err)  # shown by pytest -rA
     assert writer.returncode == 0
     assert "update failed" not in err, err
     assert "no new checkpoint" not in err, err  # ended because the run was marked finished
     assert "run finished (checkpoint-40 reached max_steps 40)" in err, err
     # the watcher saw a half-written checkpoint and waited for it
     assert "waiting for step 10 (checkpoint-10)" in err and "truncated" in err, err
-    assert n == len(updates) >= 1 and elapsed < 45
+    assert n == len(updates) >= 2 and elapsed < 45  # the page was updated while the writer ran
     assert page_steps(out) == STEPS and handed[-1] == STEPS
     assert all(steps == sorted(steps) for steps in handed)
 
@@ -210,3 +212,46 @@ def test_sigterm_leaves_a_complete_page(staged, tmp_path):
     html = (out / "index.html").read_text()
     assert html.rstrip().endswith("</html>") and "10, 20" in html
     assert not list(out.glob(".watch-tmp-*"))
+
+
+def test_completeness_rules(staged, tmp_path):
+    """verl: stable for one scan; sharded: every shard the index names; opdgeom: renamed step folders and
+    manifest.json (finished when its records reach the spec's steps)."""
+    source = staged["staging"] / "checkpoint-10"
+    verl = tmp_path / "verl"
+    hf = verl / "global_step_5" / "actor" / "huggingface"
+    shutil.copytree(source, hf)
+    scanner = Scanner(verl, settle_s=60)
+    assert scanner.scan() == {} and scanner.layout == "verl"  # just written: not yet known to be stable
+    assert list(scanner.scan()) == [5]  # unchanged since the previous scan
+
+    sharded = verl / "global_step_6" / "actor" / "huggingface"
+    sharded.mkdir(parents=True)
+    shutil.copy(source / "config.json", sharded)
+    state = load_file(source / "model.safetensors")
+    names = sorted(state)
+    weight_map = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
+    save_file({n: state[n] for n in names[0::2]}, sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for _ in range(3):
+        assert list(scanner.scan()) == [5]  # shard 2 missing, however stable
+    save_file({n: state[n] for n in names[1::2]}, sharded / "model-00002-of-00002.safetensors")
+    scanner.scan()
+    assert list(scanner.scan()) == [5, 6] and finished(verl, "verl", scanner.accepted) is None
+    (verl / ".finished").touch()
+    assert finished(verl, "verl", scanner.accepted) == ".finished present"
+
+    ours = tmp_path / "ours"
+    shutil.copytree(source, ours / "step_000010")
+    shutil.copytree(source, ours / ".step_000020.tmp-x")  # the exporter's folder before its rename
+    scanner = Scanner(ours, settle_s=60)
+    assert list(scanner.scan()) == [10] and scanner.layout == "opdgeom"  # renamed into place: complete
+    records = [{"step": 0, "path": "../init"}, {"step": 10, "path": "step_000010"}]
+    manifest = {"run": {"name": "r", "train": {"steps": 20}}, "checkpoints": records}
+    (ours / "manifest.json").write_text(json.dumps(manifest))
+    assert finished(ours, "opdgeom", scanner.accepted) is None
+    os.rename(ours / ".step_000020.tmp-x", ours / "step_000020")
+    manifest["checkpoints"].append({"step": 20, "path": "step_000020"})
+    (ours / "manifest.json").write_text(json.dumps(manifest))
+    assert list(scanner.scan()) == [10, 20]
+    assert finished(ours, "opdgeom", scanner.accepted) == "manifest.json records reach step 20"

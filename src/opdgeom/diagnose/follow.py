@@ -171,6 +171,8 @@ def finished(run_dir: Path, layout: str | None, accepted: dict[int, Candidate]) 
         reached = max((int(r["step"]) for r in manifest.get("checkpoints", [])), default=0)
         if steps is None or reached >= int(steps):
             return f"{MANIFEST} records reach step {reached}"
+    if layout is None:
+        layout = candidates(run_dir)[0]
     if layout == "trl":
         if (run_dir / TRAINER_STATE).is_file():
             return f"{TRAINER_STATE} in the run folder"
