@@ -74,7 +74,11 @@ ENV_STEPS = {
 # and evaluate import it when the engine is vllm) and Hugging Face data sets (rule data, for a real
 # domain such as gsm8k without a local mirror: tasks/files.py load_hf_dataset).
 # accelerate: transformers' device_map="auto", which an evaluate job with several GPUs uses for its teacher.
-LAZY = {"vllm-gpu.yaml": {"opdgeom.rollout.vllm_engine", "accelerate"}, "train.yaml": {"datasets"}}
+# math_verify: imported by the verifier's worker process (tasks/answers.py), not by the module itself.
+LAZY = {
+    "vllm-gpu.yaml": {"opdgeom.rollout.vllm_engine", "accelerate", "math_verify"},
+    "train.yaml": {"datasets", "math_verify"},
+}
 
 
 def _module_file(name: str) -> Path | None:

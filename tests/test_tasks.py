@@ -268,3 +268,14 @@ def test_load_hf_dataset_without_datasets_package_explains(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(RuntimeError, match="pip install datasets"):
         load_hf_dataset("openai/gsm8k", "main", "test")
+
+
+def test_real_math_domains_score_boxed_and_hash_answers_by_equivalence():
+    """gsm8k rewards a reasoning model's \\boxed{} answer (math-verify) and keeps "####" answers."""
+    task = get_task("gsm8k")
+    assert task.verify("so the total is \\boxed{\\frac{144}{2}}", "72") == 1.0
+    assert task.verify("48/2 = 24\n#### 72", "72") == 1.0
+    assert task.verify("first \\boxed{72}, then I recheck: \\boxed{70}", "72") == 0.0  # the last box counts
+    assert task.verify("no answer here", "72") == 0.0
+    assert task.extract_answer("... \\boxed{1,000}") == "1,000"
+    assert get_task("math").verify("\\boxed{72}", "72") == 0.0  # the synthetic domains read "####" only

@@ -6,6 +6,7 @@ Science settings travel as JSON (``--spec``), paths as flags; every output is wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -100,15 +101,21 @@ def _checkpoints(args) -> list[dict]:
 
 def _evaluate(args) -> None:
     from opdgeom.evaluate import EvalSettings, evaluate_checkpoints
+    from opdgeom.tracking import TrackerSettings, open_tracker
 
     settings = EvalSettings(
         args.max_new_tokens, args.batch_size, args.temperature, args.prompt_format == "chat", args.engine,
         args.samples, args.score_tokens, args.kv_cache_gb and int(args.kv_cache_gb * 2**30),
     )  # fmt: skip
-    table = evaluate_checkpoints(
-        args.ref, _checkpoints(args), args.eval_data, args.domain, settings, teacher=args.teacher,
-        teacher_chat=args.teacher_prompt_format == "chat", cache=args.cache,
-    )  # fmt: skip
+    tracking = TrackerSettings(args.tracker, args.tracker_project, args.wandb_mode)
+    if tracking.kind != "none" and args.tracker_dir is None:
+        raise SystemExit("opdgeom evaluate: --tracker needs --tracker-dir (the run's folder)")
+    config = {"ref": args.ref, "eval_data": str(args.eval_data), **dataclasses.asdict(settings)}
+    with open_tracker(tracking, args.ref, args.tracker_dir or args.out.parent, config) as tracker:
+        table = evaluate_checkpoints(
+            args.ref, _checkpoints(args), args.eval_data, args.domain, settings, teacher=args.teacher,
+            teacher_chat=args.teacher_prompt_format == "chat", cache=args.cache, tracker=tracker,
+        )  # fmt: skip
     write_parquet(table, args.out)
 
 
@@ -309,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="who decodes (greedy and sampled)")
     p.add_argument("--score-tokens", type=int, help="padded tokens per teacher-forced pass (default: batch-size rows)")
     p.add_argument("--kv-cache-gb", type=float, help="the vLLM engine's KV cache (default: batch-size sequences)")
+    _tracker_arguments(p)
+    p.add_argument("--tracker-dir", type=Path, help="where the tracker writes (the run's folder)")
     p.add_argument("--cache", type=Path, help="reuse results of checkpoints evaluated before (folder; default: none)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_evaluate)

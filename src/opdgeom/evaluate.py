@@ -316,13 +316,15 @@ def evaluate_checkpoints(
     teacher: str | Path | None = None,
     teacher_chat: bool = False,
     cache: str | Path | None = None,
+    tracker=None,
 ) -> pl.DataFrame:
     """One row per checkpoint: ref, step, tokens, domain, accuracy, n, mean_completion_tokens, nll,
     correct (list of 0/1 per held-out prompt), nll_sum_per_prompt, nll_tokens_per_prompt and, with
     ``teacher``, reverse_kl and sampled_reward on ``settings.samples`` completions per prompt, with their
     per-prompt parts. ``cache``: a folder of results addressed by content (opdgeom.eval_cache); a
     checkpoint evaluated before with the same data, teacher and settings (a run's init, shared by every
-    run from it) is read back instead of evaluated again."""
+    run from it) is read back instead of evaluated again. ``tracker`` (an ``opdgeom.tracking.Tracker``)
+    gets each checkpoint's scalar metrics at its step, under ``eval/``."""
     examples = read_jsonl(eval_data)
     task = get_task(domain)
     device = local_device()
@@ -350,6 +352,9 @@ def evaluate_checkpoints(
             if store is not None:
                 store.put(key, result)
         rows.append({"ref": ref, "step": ckpt["step"], "tokens": ckpt.get("tokens", 0), "domain": domain, **result})
+        if tracker is not None:
+            scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            tracker.log(ckpt["step"], scalars, prefix="eval")
         kl = f" reverse KL {result['reverse_kl']:.4f}" if "reverse_kl" in result else ""
         print(
             f"{ref} step {ckpt['step']}: accuracy {result['accuracy']:.3f} on {result['n']}, "

@@ -313,14 +313,25 @@ class Study:
         except ValueError as err:
             raise ConfigError(f"config: family {self.name}: evaluate: {err}") from None
 
+    def _tracker_flags(self) -> list[str]:
+        tracker = self.config.get("tracker", {})
+        return [f"--tracker {tracker.get('kind', 'none')}", f"--tracker-project {tracker.get('project', 'opdgeom')}",
+                f"--wandb-mode {tracker.get('wandb_mode', 'offline')}"]  # fmt: skip
+
     def watch_flags(self) -> str:
         """The train command's tracker and monitor flags, from the config's ``tracker`` and ``monitor``."""
-        tracker, monitor = self.config.get("tracker", {}), self.config.get("monitor", {})
-        flags = [f"--tracker {tracker.get('kind', 'none')}", f"--tracker-project {tracker.get('project', 'opdgeom')}",
-                 f"--wandb-mode {tracker.get('wandb_mode', 'offline')}"]  # fmt: skip
+        flags, monitor = self._tracker_flags(), self.config.get("monitor", {})
         if monitor.get("every", 0):
             flags.append(f"--monitor-every {monitor['every']} --monitor-k {monitor.get('k', 16)}")
         return " ".join(flags)
+
+    def eval_tracker_flags(self, ref: str) -> str:
+        """The evaluate command's tracker flags: a run's evaluation logs into the run's folder (beside its
+        training series), a family model's into eval/tracker/<model>; "" without a tracker."""
+        if self.config.get("tracker", {}).get("kind", "none") == "none":
+            return ""
+        where = self.run_dir(ref) if ref in self.runs else self.results / "eval" / "tracker" / ref
+        return " ".join([*self._tracker_flags(), f"--tracker-dir {where}"])
 
     def eval_budget_flags(self) -> str:
         """The evaluate command's memory flags, from the resolved ``evaluate`` settings ("" when unset)."""

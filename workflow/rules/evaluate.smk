@@ -22,6 +22,7 @@ rule evaluate:
         samples=STUDY.evaluate.get("samples", 1),
         engine=STUDY.evaluate.get("engine", "hf"),
         budget=eval_budget_flags(),
+        tracker=lambda wc: STUDY.eval_tracker_flags(wc.ref),
         cache=CACHE,
         formats=lambda wc: f"--prompt-format {STUDY.prompt_format(wc.ref)} "
         f"--teacher-prompt-format {STUDY.prompt_format(eval_teacher(wc.ref))}",
@@ -29,5 +30,5 @@ rule evaluate:
         "echo {params.software:q} > {log}; "
         "python -m opdgeom evaluate --ref {wildcards.ref} {params.source} --eval-data {input.eval_data} "
         "--domain {params.domain} --max-new-tokens {params.max_new_tokens} "
-        "--batch-size {params.batch_size} --teacher {params.teacher} --temperature {params.temperature} --samples {params.samples} {params.formats} --engine {params.engine} {params.budget}"
+        "--batch-size {params.batch_size} --teacher {params.teacher} --temperature {params.temperature} --samples {params.samples} {params.formats} --engine {params.engine} {params.budget} {params.tracker}"
         "--cache {params.cache} --out {output} 2>> {log}"

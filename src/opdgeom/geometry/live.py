@@ -12,9 +12,10 @@ Per layer matrix (kind "matrix", as ``geometry.stream.classify`` names them):
   projection runs' rule), NaN before it.
 
 W_t is rounded to bf16 first, as every exported checkpoint is (``checkpoint_dtype``; None for a trainer
-that saves fp32): at a checkpoint step these are the exact engine's numbers for that checkpoint (``geometry.trajectory``, float64 SVD), up to the iterative top-K
-method's error. Sums over a matrix's rows (norms, counts, Gram products) are completed by ``reduce``, a
-sum over ranks (the identity on one process), so every rank ends with the same replicated values.
+that saves fp32): at a checkpoint step these are the exact engine's numbers for that checkpoint
+(``geometry.trajectory``, float64 SVD), up to the iterative top-K method's error. Sums over a matrix's
+rows (norms, counts, Gram products) are completed by ``reduce``, a sum over ranks (the identity on one
+process), so every rank ends with the same replicated values.
 
 Top-K: block subspace iteration on the Gram matrix dW^T dW, whose product with an n x b block is a sum
 over row shards (one all-reduce of n x b per iteration), started from the previous observation's basis

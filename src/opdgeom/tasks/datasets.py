@@ -1,12 +1,15 @@
 """Real data sets behind the task interface, for the cluster presets (GSM8K style: "#### answer").
 
 A real domain has no generator: its examples come from the hub (or a local JSONL mirror set with
-OPDGEOM_DATA_<NAME> for air-gapped clusters); its verifier is the same as the synthetic domains'.
+OPDGEOM_DATA_<NAME> for air-gapped clusters). Its verifier is a reasoning model's: the last
+``\\boxed{}`` answer (else the one after "####") checked for mathematical equivalence by math-verify,
+with a per-answer time limit (``tasks.answers``); the synthetic domains keep their exact verifier.
 """
 
 import os
 import random
 
+from opdgeom.tasks.answers import final_answer, verify_math
 from opdgeom.tasks.base import Example, Task
 from opdgeom.tasks.files import load_hf_dataset, load_jsonl_dataset
 
@@ -27,6 +30,12 @@ class DatasetTask(Task):
     @property
     def num_prompts(self) -> int:
         return 0
+
+    def extract_answer(self, completion: str) -> str | None:
+        return final_answer(completion)
+
+    def verify(self, completion: str, answer: str) -> float:
+        return verify_math(completion, answer)
 
     def sample(self, rng: random.Random) -> Example:
         raise TypeError(f"domain {self.name!r} is a real data set: it has examples, not a generator")
