@@ -88,3 +88,21 @@ def test_recipe_keys_are_validated():
     config["recipes"]["anchor"]["colour"] = 1
     with pytest.raises(ConfigError, match="'colour' was unexpected"):
         study(config)
+
+
+def test_tracker_and_monitor_flags_follow_the_config():
+    s = study(base_config())
+    assert s.watch_flags() == "--tracker none --tracker-project opdgeom --wandb-mode offline"
+    assert s.eval_tracker_flags("opd.s0") == ""
+    config = copy.deepcopy(base_config())
+    config["tracker"] = {"kind": "wandb", "project": "p", "wandb_mode": "offline"}
+    config["monitor"] = {"every": 10, "k": 8}
+    s = study(config)
+    assert (
+        s.watch_flags() == "--tracker wandb --tracker-project p --wandb-mode offline --monitor-every 10 --monitor-k 8"
+    )
+    assert s.eval_tracker_flags("opd.s0").endswith(f"--tracker-dir {s.run_dir('opd.s0')}")
+    assert s.eval_tracker_flags("teacher").endswith(f"--tracker-dir {s.results / 'eval' / 'tracker' / 'teacher'}")
+    config["tracker"]["kind"] = "mlflow"
+    with pytest.raises(ConfigError, match="tracker"):
+        study(config)

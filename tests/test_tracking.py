@@ -158,3 +158,25 @@ def test_trackio_project_holds_the_series_the_config_and_the_event(sandbox, monk
     assert {k: config[k] for k in PLAIN} == PLAIN
     (alert,) = SQLiteStorage.get_alerts("opdgeom", run_name="opd-seed0")
     assert (alert["title"], alert["text"], alert["step"]) == ("alert", "channel <kl> drifted", 3)
+
+
+def test_evaluate_logs_a_checkpoints_metrics_under_eval(tiny, sandbox):
+    """`opdgeom evaluate --tracker tensorboard --tracker-dir RUN`: the table's numbers at the checkpoint's step."""
+    import polars as pl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from opdgeom.cli import main as cli_main
+
+    out = sandbox / "eval.parquet"
+    argv = ["evaluate", "--ref", "run", "--model", str(tiny["init"]), "--eval-data", str(tiny["data"]),
+            "--domain", "math", "--max-new-tokens", "4", "--batch-size", "8", "--out", str(out),
+            "--tracker", "tensorboard", "--tracker-dir", str(sandbox / "run")]  # fmt: skip
+    assert cli_main(argv) == 0
+    row = pl.read_parquet(out).row(0, named=True)
+    events = EventAccumulator(str(sandbox / "run" / "tensorboard"))
+    events.Reload()
+    [accuracy], [nll] = events.Scalars("eval/accuracy"), events.Scalars("eval/nll")
+    assert accuracy.step == nll.step == row["step"] == 0
+    assert accuracy.value == pytest.approx(row["accuracy"]) and nll.value == pytest.approx(row["nll"], rel=1e-6)
+    with pytest.raises(SystemExit, match="--tracker needs --tracker-dir"):
+        cli_main(argv[:-2])
