@@ -98,8 +98,28 @@ def test_sampled_metrics_per_prompt_parts_match_a_float64_hand_computation(tmp_p
     assert got["reverse_kl"] == pytest.approx(sum(everything) / len(everything), rel=1e-4)
     assert got["sampled_reward"] == sum(got["reward_per_prompt"]) / len(examples) and got["samples"] == samples
     assert 0 < got["sampled_reward"] < 1  # the length verifier varies, so the per-prompt parts are not all equal
-    with pytest.raises(ValueError, match="samples must be >= 1"):
-        checkpoint_metrics(tmp_path / "student", examples, _LengthTask(), EvalSettings(12, 4, samples=0), teacher)
+    with pytest.raises(ValueError, match="samples and k must be >= 1"):
+        EvalSettings(12, 4, samples=0)
+
+
+def test_avg_at_k_scores_each_problem_by_the_share_of_its_k_samples(tmp_path):
+    tok = build_char_tokenizer()
+    save_model(build_model(SPEC, tok, seed=0), tok, tmp_path / "ckpt", dtype=torch.float32)
+    examples = [Example(p, "", "0") for p in ["Q: 1+2=?\nA: ", "Q: 9*9-3=?\nA: ", "Q: 4=?\nA: "]]
+    settings = EvalSettings(10, 4, k=4, accuracy_temperature=0.7, top_p=0.9)
+    got = checkpoint_metrics(tmp_path / "ckpt", examples, _LengthTask(), settings)
+    model = load_model(tmp_path / "ckpt", dtype=torch.float32, device=torch.device("cpu")).eval()
+    prompts = [encode_prompt(tok, e.prompt) for e in examples]
+    replay = HFEngine(model, tok, batch_size=4).sample(
+        [p for p in prompts for _ in range(4)], 10, 0.7, seed=evaluate.AVG_K_SEED, top_p=0.9
+    )
+    texts = tok.batch_decode(replay.completion_ids, skip_special_tokens=True)
+    want = [sum(len(t) % 2 == 0 for t in texts[i * 4 : (i + 1) * 4]) / 4 for i in range(3)]
+    assert got["correct"] == want and got["k"] == 4
+    assert got["accuracy"] == pytest.approx(sum(want) / 3, abs=1e-15)
+    assert any(0 < c < 1 for c in want)  # some problems are solved by some samples only
+    with pytest.raises(ValueError, match="avg@k needs k > 1 with accuracy_temperature > 0"):
+        EvalSettings(10, 4, k=4)
 
 
 def test_a_teacher_loaded_for_its_phase_is_gone_before_the_student_loads(tmp_path, monkeypatch):

@@ -75,3 +75,29 @@ def test_bootstrap_statistic_resamples_seed_rows_jointly_and_names_a_mismatch():
     with pytest.raises(ValueError, match="number of prompts"):
         bootstrap_statistic(lambda x, y: 0.0, [np.zeros(3), np.zeros(4)])
     assert bootstrap_statistic(lambda x: 0.0, [np.zeros(0)]).n == 0
+
+
+def test_avg_at_k_intervals_match_a_float64_hand_computation():
+    """avg@k of 3 seeds x 5 problems x 4 samples: the bootstrap over problems (the same resampled problems
+    for every seed) and the t interval over seeds, by hand."""
+    outcomes_SPK = np.array(
+        [[[1, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], [1, 0, 1, 0]],
+         [[1, 0, 0, 1], [0, 0, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0]],
+         [[1, 1, 1, 1], [0, 0, 0, 1], [1, 0, 1, 1], [1, 1, 0, 0], [0, 0, 1, 0]]], dtype=np.float64
+    )  # fmt: skip
+    share_SP = outcomes_SPK.mean(axis=2)
+    got = bootstrap_interval(share_SP, n_resamples=500, seed=7)
+    per_problem = [sum(share_SP[s][p] for s in range(3)) / 3 for p in range(5)]
+    rng = np.random.default_rng(7)
+    draws = rng.integers(0, 5, size=(500, 5))
+    means = sorted(sum(per_problem[i] for i in row) / 5 for row in draws)
+    assert got.mean == pytest.approx(sum(per_problem) / 5, abs=1e-15) == pytest.approx(outcomes_SPK.mean(), abs=1e-15)
+    assert got.lo == pytest.approx(np.quantile(means, 0.025), abs=1e-15)
+    assert got.hi == pytest.approx(np.quantile(means, 0.975), abs=1e-15)
+    per_seed = [float(outcomes_SPK[s].sum()) / 20 for s in range(3)]  # avg@4 of each seed
+    mean = sum(per_seed) / 3
+    sd = (sum((x - mean) ** 2 for x in per_seed) / 2) ** 0.5
+    t_975_df2 = (2 * 0.975 - 1) / (2 * 0.975 * 0.025) ** 0.5  # Student t quantile, 2 degrees of freedom, closed form
+    over_seeds = seed_interval(per_seed)
+    assert over_seeds.mean == pytest.approx(mean, abs=1e-15)
+    assert over_seeds.hi - over_seeds.mean == pytest.approx(t_975_df2 * sd / 3**0.5, rel=1e-12)

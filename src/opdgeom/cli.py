@@ -106,6 +106,7 @@ def _evaluate(args) -> None:
     settings = EvalSettings(
         args.max_new_tokens, args.batch_size, args.temperature, args.prompt_format == "chat", args.engine,
         args.samples, args.score_tokens, args.kv_cache_gb and int(args.kv_cache_gb * 2**30),
+        k=args.k, accuracy_temperature=args.accuracy_temperature, top_p=args.top_p,
     )  # fmt: skip
     tracking = TrackerSettings(args.tracker, args.tracker_project, args.wandb_mode)
     if tracking.kind != "none" and args.tracker_dir is None:
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="who decodes (greedy and sampled)")
     p.add_argument("--score-tokens", type=int, help="padded tokens per teacher-forced pass (default: batch-size rows)")
     p.add_argument("--kv-cache-gb", type=float, help="the vLLM engine's KV cache (default: batch-size sequences)")
+    p.add_argument("--k", type=int, default=1, help="accuracy as avg@k: k samples per problem (default 1: greedy)")
+    p.add_argument("--accuracy-temperature", type=float, default=0.0, help="avg@k's sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="avg@k's nucleus (top-p) sampling")
     _tracker_arguments(p)
     p.add_argument("--tracker-dir", type=Path, help="where the tracker writes (the run's folder)")
     p.add_argument("--cache", type=Path, help="reuse results of checkpoints evaluated before (folder; default: none)")

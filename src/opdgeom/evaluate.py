@@ -41,6 +41,7 @@ from opdgeom.tasks.files import read_jsonl
 from opdgeom.tokens import PromptFormat, encode_completion, pack
 
 KL_SEED = 1234  # the held-out completions of the reverse-KL metric are drawn with this seed
+AVG_K_SEED = 4321  # the k samples per problem of avg@k accuracy
 
 
 def eval_dtype(device: torch.device) -> torch.dtype:
@@ -186,12 +187,31 @@ class EvalSettings:
     samples: int = 1
     score_tokens: int | None = None  # padded tokens per teacher-forced pass (None: batch_size rows)
     kv_cache_bytes: int | None = None  # the vLLM engine's KV cache (None: batch_size whole sequences)
+    # Accuracy's decoding: greedy (k = 1, temperature 0), or avg@k: k samples per problem at
+    # accuracy_temperature / top_p, each scored, the problem's accuracy the share correct.
+    k: int = 1
+    accuracy_temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.samples < 1 or self.k < 1:
+            raise ValueError(f"evaluate: samples and k must be >= 1, got samples={self.samples}, k={self.k}")
+        if (self.k > 1) != (self.accuracy_temperature > 0) or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"evaluate: avg@k needs k > 1 with accuracy_temperature > 0 (greedy: k 1, temperature 0) and "
+                f"0 < top_p <= 1, got k={self.k}, accuracy_temperature={self.accuracy_temperature}, top_p={self.top_p}"
+            )
+
+    @property
+    def decoding(self) -> str:
+        return "greedy" if self.k == 1 else f"avg@{self.k} (T={self.accuracy_temperature:g}, top_p={self.top_p:g})"
 
 
 def checkpoint_metrics(model_dir, examples, task, settings: EvalSettings, teacher: Teacher | None = None) -> dict:
-    """Greedy accuracy (and per-prompt ``correct``), held-out NLL (and each prompt's summed NLL and token
-    count) and, given a teacher, reverse KL and the sampled reward on ``settings.samples`` completions per
-    prompt drawn at ``settings.temperature`` (seed KL_SEED).
+    """Accuracy (and per-problem ``correct``: 0/1 greedy, or under avg@k the share of the k samples the
+    verifier accepts, seed AVG_K_SEED), held-out NLL (and each prompt's summed NLL and token count) and,
+    given a teacher, reverse KL and the sampled reward on ``settings.samples`` completions per prompt drawn
+    at ``settings.temperature`` (seed KL_SEED).
 
     In three phases, so that no two large models share a GPU: (1) decoding, greedy and sampled, on the
     engine alone (``engine="vllm"``: a vLLM engine with an explicit KV budget, shut down after; ``hf``:
@@ -199,13 +219,18 @@ def checkpoint_metrics(model_dir, examples, task, settings: EvalSettings, teache
     sampled completions' positions kept on the host, its lm_head kept; (3) the student: NLL of the
     demonstrations, its hidden states on the samples, the reverse KL chunk by chunk. ``chat``: the
     checkpoint is an instruct model prompted with its chat template (a hub teacher)."""
-    if settings.samples < 1:
-        raise ValueError(f"evaluate: samples must be >= 1, got {settings.samples}")
     tokenizer = load_tokenizer(model_dir)
     device = local_device()
     prompts = [PromptFormat(tokenizer, settings.chat).prompt(e.prompt) for e in examples]
     repeated = [i for i in range(len(examples)) for _ in range(settings.samples)] if teacher else []
-    requests = [(prompts, 0.0, 0)] + ([([prompts[i] for i in repeated], settings.temperature, KL_SEED)] * bool(teacher))
+    k = settings.k
+    accuracy_request = (
+        [p for p in prompts for _ in range(k)],
+        settings.accuracy_temperature,
+        AVG_K_SEED if k > 1 else 0,
+    )
+    requests = [(*accuracy_request, settings.top_p)]  # (prompts, temperature, seed, top_p)
+    requests += [([prompts[i] for i in repeated], settings.temperature, KL_SEED, 1.0)] * bool(teacher)
     model = None
     if settings.engine == "vllm":  # phase 1 on the engine: no transformers model is on the GPU yet
         decoded = engine_completions(
@@ -215,12 +240,16 @@ def checkpoint_metrics(model_dir, examples, task, settings: EvalSettings, teache
         model = load_model(model_dir, dtype=eval_dtype(device), device=device).eval()
         sampler = HFEngine(model, tokenizer, batch_size=settings.batch_size)
         decoded = [
-            sampler.sample(p, settings.max_new_tokens, temp, seed=seed).completion_ids for p, temp, seed in requests
+            sampler.sample(p, settings.max_new_tokens, temp, seed=seed, top_p=top_p).completion_ids
+            for p, temp, seed, top_p in requests
         ]
         del sampler  # it holds the model, which the teacher phase may need gone
     completion_ids = decoded[0]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    correct = [int(task.verify(text, e.answer)) for text, e in zip(texts, examples)]
+    scores = [task.verify(text, examples[i // k].answer) for i, text in enumerate(texts)]
+    correct = (
+        [int(s) for s in scores] if k == 1 else [sum(scores[i * k : (i + 1) * k]) / k for i in range(len(examples))]
+    )
     teacher_part = None
     if teacher is not None:
         if teacher.model is None and model is not None:  # the teacher phase has the device to itself
@@ -234,7 +263,8 @@ def checkpoint_metrics(model_dir, examples, task, settings: EvalSettings, teache
     result = {
         "accuracy": sum(correct) / len(correct),
         "n": len(correct),
-        "mean_completion_tokens": sum(map(len, completion_ids)) / len(correct),
+        "mean_completion_tokens": sum(map(len, completion_ids)) / len(completion_ids),
+        **({"k": k} if k > 1 else {}),
         "nll": -torch.cat(logp_rows).double().mean().item(),
         "correct": correct,
         "nll_sum_per_prompt": [-logp_T.double().sum().item() for logp_T in logp_rows],
@@ -340,6 +370,8 @@ def evaluate_checkpoints(
         # a vLLM evaluation now also samples on the engine.
         **({"sampled_on": "engine"} if settings.engine == "vllm" else {}),
         **({"score_tokens": settings.score_tokens} if settings.score_tokens is not None else {}),
+        **({"k": settings.k, "accuracy_temperature": settings.accuracy_temperature, "top_p": settings.top_p,
+            "avg_k_seed": AVG_K_SEED} if settings.k > 1 else {}),
     } if store is not None else {}  # fmt: skip
     rows = []
     for ckpt in checkpoints:
@@ -362,7 +394,8 @@ def evaluate_checkpoints(
             file=sys.stderr,
             flush=True,
         )
-    lists = {"correct": pl.List(pl.Int8), "nll_sum_per_prompt": pl.List(pl.Float64),
+    correct = pl.List(pl.Int8) if settings.k == 1 else pl.List(pl.Float64)  # 0/1, or the share of k correct
+    lists = {"correct": correct, "nll_sum_per_prompt": pl.List(pl.Float64),
              "nll_tokens_per_prompt": pl.List(pl.Int64), "reward_per_prompt": pl.List(pl.Float64),
              "kl_sum_per_prompt": pl.List(pl.Float64), "kl_tokens_per_prompt": pl.List(pl.Int64)}  # fmt: skip
     return pl.DataFrame(rows, schema_overrides={"tokens": pl.Int64, **{k: v for k, v in lists.items() if k in rows[0]}})

@@ -334,8 +334,10 @@ class Study:
         return " ".join([*self._tracker_flags(), f"--tracker-dir {where}"])
 
     def eval_budget_flags(self) -> str:
-        """The evaluate command's memory flags, from the resolved ``evaluate`` settings ("" when unset)."""
-        flags = {"--score-tokens": self.evaluate.get("score_tokens"), "--kv-cache-gb": self.evaluate.get("kv_cache_gb")}
+        """The evaluate command's memory and decoding flags, from the resolved ``evaluate`` settings ("" when
+        unset: greedy accuracy, batch_size rows per pass)."""
+        keys = ("score_tokens", "kv_cache_gb", "k", "accuracy_temperature", "top_p")
+        flags = {f"--{key.replace('_', '-')}": self.evaluate.get(key) for key in keys}
         return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
 
     @staticmethod

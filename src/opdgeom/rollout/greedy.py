@@ -38,18 +38,18 @@ def greedy_completions(
         model = load_model(Path(model_dir), device=local_device()).eval()
         sampler = HFEngine(model, load_tokenizer(model_dir), batch_size=batch_size)
         return sampler.sample(prompts, max_new_tokens, 0.0, seed=0).completion_ids
-    return engine_completions(model_dir, [(prompts, 0.0, 0)], max_new_tokens, batch_size, kv_cache_bytes)[0]
+    return engine_completions(model_dir, [(prompts, 0.0, 0, 1.0)], max_new_tokens, batch_size, kv_cache_bytes)[0]
 
 
 def engine_completions(
     model_dir: str | Path,
-    requests: list[tuple[list[list[int]], float, int]],
+    requests: list[tuple],
     max_new_tokens: int,
     batch_size: int = 256,
     kv_cache_bytes: int | None = None,
 ) -> list[list[list[int]]]:
-    """The completions of each (prompts, temperature, seed) request (temperature 0: greedy) on one vLLM
-    engine, shut down before returning, so the evaluation's later phases find the GPU free.
+    """The completions of each (prompts, temperature, seed, top_p) request (temperature 0: greedy) on
+    one vLLM engine, shut down before returning, so the evaluation's later phases find the GPU free.
 
     The engine's memory is explicit, never "90% of the GPU": its weights plus ``kv_cache_bytes`` of KV
     cache (None: ``batch_size`` concurrent sequences of the longest prompt + ``max_new_tokens``, at
@@ -66,10 +66,10 @@ def engine_completions(
     model_dir = Path(model_dir)
     config = transformers.AutoConfig.from_pretrained(model_dir)
     on_gpu = torch.cuda.is_available()
-    longest = max(len(p) for prompts, _, _ in requests for p in prompts) + max_new_tokens
+    longest = max(len(p) for prompts, *_ in requests for p in prompts) + max_new_tokens
     max_model_len = min(config.max_position_embeddings, longest + 8)
     if kv_cache_bytes is None:
-        sequences = min(batch_size, max(len(prompts) for prompts, _, _ in requests))
+        sequences = min(batch_size, max(len(prompts) for prompts, *_ in requests))
         kv_cache_bytes = max(sequences * longest, max_model_len) * kv_bytes_per_token(config, 2 if on_gpu else 4)
     vllm = VLLMEngine(
         model_dir, dtype="bfloat16" if on_gpu else "float32", max_model_len=max_model_len,
@@ -77,7 +77,8 @@ def engine_completions(
     )  # fmt: skip
     try:
         return [
-            vllm.sample(prompts, max_new_tokens, temp, seed=seed).completion_ids for prompts, temp, seed in requests
+            vllm.sample(prompts, max_new_tokens, temp, seed=seed, top_p=top_p).completion_ids
+            for prompts, temp, seed, top_p in requests
         ]
     finally:
         vllm.close()

@@ -17,7 +17,9 @@ class HFEngine(SamplingEngine):
         self.synced = synced
 
     @torch.no_grad()
-    def sample(self, prompt_ids, max_new_tokens, temperature, seed) -> Rollouts:
+    def sample(self, prompt_ids, max_new_tokens, temperature, seed, top_p: float = 1.0) -> Rollouts:
+        """``top_p`` < 1: nucleus sampling (evaluation's avg@k decoding); training samples the full
+        distribution (1.0)."""
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -34,7 +36,7 @@ class HFEngine(SamplingEngine):
                 do_sample=temperature > 0,
                 temperature=temperature if temperature > 0 else None,
                 top_k=0 if temperature > 0 else None,
-                top_p=1.0 if temperature > 0 else None,
+                top_p=top_p if temperature > 0 else None,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=eos,
                 synced_gpus=self.synced,

@@ -146,8 +146,9 @@ class VLLMEngine(SamplingEngine):
     def _awake(self) -> None:
         self.wake_up()
 
-    def sample(self, prompt_ids, max_new_tokens, temperature, seed) -> SampledRollouts:
-        """One completion per prompt (eos included when the model stopped); temperature 0 is greedy.
+    def sample(self, prompt_ids, max_new_tokens, temperature, seed, top_p: float = 1.0) -> SampledRollouts:
+        """One completion per prompt (eos included when the model stopped); temperature 0 is greedy;
+        ``top_p`` < 1 is nucleus sampling (evaluation's avg@k decoding).
 
         Every request gets its own seed drawn from ``seed``: rows with the same prompt (a GRPO
         group) must differ, and the same ``seed`` must replay the same rollouts.
@@ -160,6 +161,7 @@ class VLLMEngine(SamplingEngine):
             SamplingParams(
                 max_tokens=max_new_tokens,
                 temperature=temperature,
+                top_p=top_p,
                 seed=rng.getrandbits(63),
                 stop_token_ids=[self.eos_token_id],
                 logprobs=0,  # 0 extra candidates: the sampled token's own log-prob only
