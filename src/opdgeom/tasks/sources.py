@@ -38,11 +38,16 @@ from opdgeom.tasks.base import Example
 from opdgeom.tasks.files import gsm8k_example
 
 EXAMPLE_FIELDS = ("prompt", "completion", "answer")
+MIRROR_ENV = "OPDGEOM_DATA_MIRROR"  # the JSONL mirror folder when load_source / fetch-data get none
 Mapper = Callable[[Mapping[str, Any]], Example]
 
 
 class SourceError(ConfigError):
     """A source entry with a missing, unknown or ill-typed key; the message names where and which."""
+
+
+class RevisionMismatch(ValueError):
+    """An offline copy of a source at another revision than the pinned one; names both."""
 
 
 class SourceNotFound(FileNotFoundError):
@@ -234,9 +239,10 @@ def offline():
                 os.environ[key] = value
 
 
-def _pin_error(source: Source, present: str, where: str, family: str | None) -> ValueError:
-    return ValueError(
-        f"{source.describe()}: pinned revision {source.revision} but {where} holds revision {present}; "
+def _pin_error(source: Source, present: str, where: str, family: str | None) -> RevisionMismatch:
+    return RevisionMismatch(
+        f"{source.describe()}: pinned revision {source.revision} but {where} holds "
+        f"{'revisions' if ',' in present else 'revision'} {present}; "
         f"fetch the pinned one (`{fetch_command(family)}` on a login node) or change the pin"
     )
 
@@ -348,31 +354,36 @@ def load_source(
     """The source's examples and how many ``max_tokens`` dropped; never touches the network.
 
     ``mapper``: record -> Example (default: the source's ``mapper`` by name, ``field_mapper``).
-    ``cache_dir``: the ``datasets`` cache (default ``$HF_DATASETS_CACHE``); ``hub_cache``: the hub cache
-    (default ``$HF_HUB_CACHE``); ``mirror_dir``: the JSONL mirror, searched first. ``tokenizer``: measures
-    ``max_tokens`` (characters without one). ``family``: named in the fetch command of the error.
+    ``cache_dir``: the ``datasets`` cache (default ``$HF_DATASETS_CACHE``); ``hub_cache``: the hub
+    cache (default ``$HF_HUB_CACHE``); ``mirror_dir``: the JSONL mirror (default
+    ``$OPDGEOM_DATA_MIRROR``), searched first. ``tokenizer``: measures ``max_tokens`` (characters
+    without one). ``family``: named in the fetch command of the error.
     """
     mapper = mapper or MAPPERS[source.mapper](source)
-    searched = []
-    records = None
+    mirror_dir = mirror_dir if mirror_dir is not None else os.environ.get(MIRROR_ENV) or None
+    layouts = []
     if mirror_dir is not None:
-        records = _mirror_records(source, Path(mirror_dir), family)
-        searched.append(f"JSONL mirror {mirror_path(source, mirror_dir)}")
-    if records is None:
-        hub = _hub_cache(hub_cache)
-        records = _snapshot_records(source, hub, family)
-        searched.append(f"hub cache {hub / ('datasets--' + source.dataset.replace('/', '--'))}")
-    if records is None:
-        cache = _datasets_cache(cache_dir)
-        records = _arrow_records(source, cache, family)
-        searched.append(f"datasets cache {cache}")
-    if records is None:
-        raise SourceNotFound(
-            f"{source.describe()} is not available offline; searched: {'; '.join(searched)}. "
-            f"On a login node with network access (same HF_HOME / mirror folder), run\n"
-            f"  {fetch_command(family)}\nthen rerun here."
-        )
-    return _examples(records, mapper, source, tokenizer)
+        layouts.append((f"JSONL mirror {mirror_path(source, mirror_dir)}", _mirror_records, Path(mirror_dir)))
+    hub = _hub_cache(hub_cache)
+    layouts.append((f"hub cache {hub / ('datasets--' + source.dataset.replace('/', '--'))}", _snapshot_records, hub))
+    cache = _datasets_cache(cache_dir)
+    layouts.append((f"datasets cache {cache}", _arrow_records, cache))
+    mismatches = []
+    for _, read, root in layouts:
+        try:
+            records = read(source, root, family)
+        except RevisionMismatch as error:  # another layout may hold the pinned revision
+            mismatches.append(error)
+            continue
+        if records is not None:
+            return _examples(records, mapper, source, tokenizer)
+    if mismatches:
+        raise mismatches[0]
+    raise SourceNotFound(
+        f"{source.describe()} is not available offline; searched: {'; '.join(w for w, _, _ in layouts)}. "
+        f"On a login node with network access (same HF_HOME / mirror folder), run\n"
+        f"  {fetch_command(family)}\nthen rerun here."
+    )
 
 
 def _examples(records: Iterable[Mapping], mapper: Mapper, source: Source, tokenizer) -> tuple[list[Example], int]:
@@ -385,7 +396,7 @@ def _examples(records: Iterable[Mapping], mapper: Mapper, source: Source, tokeni
             example = mapper(record)
         except (KeyError, ValueError) as error:
             message = error.args[0] if isinstance(error, KeyError) and error.args else error
-            raise ValueError(f"{source.describe()}: record {index}: {message}") from None
+            raise type(error)(f"{source.describe()}: record {index}: {message}") from None
         if source.max_tokens is not None and length(example, tokenizer) > source.max_tokens:
             dropped += 1
             continue
