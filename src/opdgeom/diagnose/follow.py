@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opdgeom.diagnose.lora import ADAPTER_WEIGHTS
-from opdgeom.diagnose.pipeline import Settings, compute_tables, draw_figures, file_name, prepare
+from opdgeom.diagnose.pipeline import Settings, compute_tables, prepare, write_outputs
 from opdgeom.diagnose.sources import (
     ADAPTER_CONFIG,
     TRL_DIR,
@@ -65,7 +65,6 @@ from opdgeom.diagnose.sources import (
 )
 from opdgeom.geometry.cache import StatCache
 from opdgeom.geometry.stream import CheckpointError, _read_header, read_checkpoint
-from opdgeom.io import write_parquet, write_text
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 FINISHED = ".finished"
@@ -248,43 +247,14 @@ def write_update(
     base: str, base_folder: Path, base_how: str, run: Run, out: Path, settings: Settings, cache: StatCache | None
 ) -> tuple[dict, dict]:
     """diagnose's tables, figures, inputs.json and index.html for ``run``, swapped into ``out``."""
-    from opdgeom.diagnose.report import write_page
-
     started = time.perf_counter()
-    hits, misses = (cache.hits, cache.misses) if cache else (0, 0)
+    counted_from = (cache.hits, cache.misses) if cache else (0, 0)
     prepared = prepare(base_folder, run)
     tables = compute_tables([prepared], settings, cache)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".watch-tmp-", dir=out))
     try:
-        paths = {
-            run.name: {kind: tmp / "tables" / f"{kind}-{file_name(run.name)}.parquet" for kind in tables[run.name]}
-        }
-        for kind, table in tables[run.name].items():
-            write_parquet(table, paths[run.name][kind])
-        figures = draw_figures(tables, paths, settings, tmp / "figures")
-        summary = {
-            "base": {"spec": base, "folder": str(base_folder), "resolved": base_how},
-            "runs": [
-                {
-                    "name": run.name,
-                    "layout": run.layout,
-                    "source": run.source,
-                    "notes": run.notes,
-                    "checkpoints": [
-                        {"step": c.step, "path": str(c.path), "adapter": c.adapter} for c in run.checkpoints
-                    ],
-                }
-            ],  # fmt: skip
-            "settings": {k: v for k, v in vars(settings).items() if k != "progress"}
-            | {"cache": str(cache.root) if cache else None},
-            "cache": {"computed": cache.misses - misses, "reused": cache.hits - hits} if cache else None,
-            "figures": list(figures),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        write_text(json.dumps(summary, indent=2, default=str), tmp / "inputs.json")
-        # the page's figures are embedded, so it is written last, after they are in place
-        write_page(summary, tables, figures, tmp / "index.html")
+        summary = write_outputs(tmp, base, base_folder, base_how, [run], tables, settings, cache, started, counted_from)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -166,6 +166,44 @@ def draw_figures(tables, paths, settings, figures_dir: Path) -> dict[str, dict]:
     return drawn
 
 
+def write_outputs(
+    tmp: Path, base: str, base_folder: Path, base_how: str, runs: list[Run], tables: dict[str, dict],
+    settings: Settings, cache: StatCache | None, started: float, counted_from: tuple[int, int] = (0, 0),
+) -> dict:  # fmt: skip
+    """The page's files in ``tmp``: tables/, figures/, inputs.json, then index.html (it embeds the figures,
+    so it is written last). ``counted_from``: the cache's (hits, misses) before this page's work."""
+    from opdgeom.diagnose.report import write_page
+
+    paths = {}
+    for run, pair in tables.items():
+        paths[run] = {kind: tmp / "tables" / f"{kind}-{file_name(run)}.parquet" for kind in pair}
+        for kind, table in pair.items():
+            write_parquet(table, paths[run][kind])
+    figures = draw_figures(tables, paths, settings, tmp / "figures")
+    hits, misses = counted_from
+    summary = {
+        "base": {"spec": base, "folder": str(base_folder), "resolved": base_how},
+        "runs": [
+            {
+                "name": r.name,
+                "layout": r.layout,
+                "source": r.source,
+                "notes": r.notes,
+                "checkpoints": [{"step": c.step, "path": str(c.path), "adapter": c.adapter} for c in r.checkpoints],
+            }
+            for r in runs
+        ],  # fmt: skip
+        "settings": {k: v for k, v in vars(settings).items() if k != "progress"}
+        | {"cache": str(cache.root) if cache else None},
+        "cache": {"computed": cache.misses - misses, "reused": cache.hits - hits} if cache else None,
+        "figures": list(figures),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_text(json.dumps(summary, indent=2, default=str), tmp / "inputs.json")
+    write_page(summary, tables, figures, tmp / "index.html")
+    return summary
+
+
 def diagnose(base: str, run_args: list[str], out: str | Path, settings: Settings | None = None) -> dict:
     """Resolve, align, compute, draw, write DIR (tables/, figures/, inputs.json, index.html); returns a summary."""
     settings = settings or Settings()
@@ -183,36 +221,10 @@ def diagnose(base: str, run_args: list[str], out: str | Path, settings: Settings
     cache = StatCache(settings.cache) if settings.use_cache else None
     tables = compute_tables(prepared, settings, cache)
     out = Path(out)
-    from opdgeom.diagnose.report import write_page
-
     with atomic_dir(out) as tmp:
-        paths = {}
-        for run, pair in tables.items():
-            paths[run] = {kind: tmp / "tables" / f"{kind}-{file_name(run)}.parquet" for kind in pair}
-            for kind, table in pair.items():
-                write_parquet(table, paths[run][kind])
-        figures = draw_figures(tables, paths, settings, tmp / "figures")
-        summary = {
-            "base": {"spec": base, "folder": str(base_folder), "resolved": base_how},
-            "runs": [
-                {
-                    "name": r.name,
-                    "layout": r.layout,
-                    "source": r.source,
-                    "notes": r.notes,
-                    "checkpoints": [{"step": c.step, "path": str(c.path), "adapter": c.adapter} for c in r.checkpoints],
-                }
-                for r in runs
-            ],  # fmt: skip
-            "settings": {k: v for k, v in vars(settings).items() if k != "progress"}
-            | {"cache": str(cache.root) if cache else None},
-            "cache": {"computed": cache.misses, "reused": cache.hits} if cache else None,
-            "figures": list(figures),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        write_text(json.dumps(summary, indent=2, default=str), tmp / "inputs.json")
-        write_page(summary, tables, figures, tmp / "index.html")
+        summary = write_outputs(tmp, base, base_folder, base_how, runs, tables, settings, cache, started)
     if cache is not None:
         print(f"statistics cache {cache.root}: {cache.misses} computed, {cache.hits} reused", file=sys.stderr)
-    print(f"wrote {out / 'index.html'} ({len(figures)} figures, {summary['seconds']:.1f} s)", file=sys.stderr)
+    figures, seconds = len(summary["figures"]), summary["seconds"]
+    print(f"wrote {out / 'index.html'} ({figures} figures, {seconds:.1f} s)", file=sys.stderr)
     return summary
