@@ -341,3 +341,19 @@ def test_fetch_data_cli_reads_the_family_sources(tmp_path, dirs, fake_hub):
     args = parser.parse_args(["fetch-data", "--family", "bad", "--families-dir", str(families)])
     with pytest.raises(SourceError, match=r"bad.yaml: sources.sft: unknown key\(s\) \['field'\]"):
         args.func(args)
+
+
+def test_hub_snapshot_named_config_from_the_readme(tmp_path, dirs):
+    """A snapshot with several configs (gsm8k's main / socratic) is read through its README's configs."""
+    repo = write_snapshot(dirs["hub_cache"], "org/two-configs", SHA, ROWS)
+    snapshot = repo / "snapshots" / SHA
+    shutil.move(snapshot / "data", snapshot / "main")
+    (snapshot / "other").mkdir()
+    datasets.Dataset.from_list(ROWS[:1]).to_parquet(str(snapshot / "other" / "train-00000-of-00001.parquet"))
+    (snapshot / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+        "- config_name: other\n  data_files:\n  - split: train\n    path: other/train-*\n---\n"
+    )
+    for config, expected in (("main", 5), ("other", 1)):
+        s = Source.from_dict({"dataset": "org/two-configs", "config": config, "split": "train", "fields": FIELDS}, "t")
+        assert len(load_source(s, **dirs)[0]) == expected

@@ -147,6 +147,8 @@ def read_field(record: Any, path: str) -> Any:
 
 
 def _text(value: Any) -> str:
+    if value is None:
+        return ""
     return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
@@ -277,8 +279,10 @@ def _jsonl_records(path: Path) -> Iterator[dict]:
             yield record
 
 
-def _snapshot_records(source: Source, hub_cache: Path, family: str | None) -> Iterable[dict] | None:
-    """Layout 2: the hub snapshot ``hf download --repo-type dataset`` leaves, loaded as a local folder."""
+def _snapshot_records(source: Source, caches: tuple[Path, Path], family: str | None) -> Iterable[dict] | None:
+    """Layout 2: the hub snapshot ``hf download --repo-type dataset`` leaves, loaded as a local folder
+    (its arrow conversion goes to the datasets cache ``caches[1]``)."""
+    hub_cache, datasets_cache = caches
     repo = hub_cache / f"datasets--{source.dataset.replace('/', '--')}"
     if not (repo / "snapshots").is_dir():
         return None
@@ -291,7 +295,7 @@ def _snapshot_records(source: Source, hub_cache: Path, family: str | None) -> It
     import datasets
 
     with offline():
-        return datasets.load_dataset(str(snapshot), source.config, split=source.split)
+        return datasets.load_dataset(str(snapshot), source.config, split=source.split, cache_dir=str(datasets_cache))
 
 
 def _snapshot_folder(repo: Path, revision: str | None) -> Path | None:
@@ -364,9 +368,9 @@ def load_source(
     layouts = []
     if mirror_dir is not None:
         layouts.append((f"JSONL mirror {mirror_path(source, mirror_dir)}", _mirror_records, Path(mirror_dir)))
-    hub = _hub_cache(hub_cache)
-    layouts.append((f"hub cache {hub / ('datasets--' + source.dataset.replace('/', '--'))}", _snapshot_records, hub))
-    cache = _datasets_cache(cache_dir)
+    hub, cache = _hub_cache(hub_cache), _datasets_cache(cache_dir)
+    snapshot_root = hub / ("datasets--" + source.dataset.replace("/", "--"))
+    layouts.append((f"hub cache {snapshot_root}", _snapshot_records, (hub, cache)))
     layouts.append((f"datasets cache {cache}", _arrow_records, cache))
     mismatches = []
     for _, read, root in layouts:
