@@ -10,7 +10,7 @@ import opdgeom.evaluate as evaluate
 from opdgeom.evaluate import KL_SEED, EvalSettings, Teacher, checkpoint_metrics, reverse_kl_rows
 from opdgeom.models import build_model, load_model, save_model
 from opdgeom.rollout import HFEngine
-from opdgeom.tasks.base import Example
+from opdgeom.tasks.base import Example, Task
 from opdgeom.tokenizer import build_char_tokenizer
 from opdgeom.tokens import PromptFormat, encode_completion, encode_prompt
 
@@ -57,6 +57,8 @@ class _LengthTask:
 
     def verify(self, text: str, answer: str) -> float:
         return float(len(text) % 2 == 0)
+
+    verify_many = Task.verify_many
 
 
 def _saved_pair(tmp_path, tok):

@@ -246,7 +246,7 @@ def checkpoint_metrics(model_dir, examples, task, settings: EvalSettings, teache
         del sampler  # it holds the model, which the teacher phase may need gone
     completion_ids = decoded[0]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    scores = [task.verify(text, examples[i // k].answer) for i, text in enumerate(texts)]
+    scores = task.verify_many(texts, [examples[i // k].answer for i in range(len(texts))])
     correct = (
         [int(s) for s in scores] if k == 1 else [sum(scores[i * k : (i + 1) * k]) / k for i in range(len(examples))]
     )
@@ -323,10 +323,11 @@ def _release(model) -> None:
 def _sampled_parts(task, examples, repeated, kl_rows, texts, samples: int) -> dict:
     n = len(examples)
     kl_sum, kl_tokens, reward = [0.0] * n, [0] * n, [0.0] * n
-    for i, kl_T, text in zip(repeated, kl_rows, texts):
+    rewards = task.verify_many(texts, [examples[i].answer for i in repeated])
+    for i, kl_T, r in zip(repeated, kl_rows, rewards):
         kl_sum[i] += kl_T.double().sum().item()
         kl_tokens[i] += kl_T.numel()
-        reward[i] += task.verify(text, examples[i].answer) / samples
+        reward[i] += r / samples
     return {
         "reverse_kl": sum(kl_sum) / max(sum(kl_tokens), 1),
         "sampled_reward": sum(reward) / n,

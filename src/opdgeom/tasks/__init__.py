@@ -1,10 +1,11 @@
 """Data domains of the study: synthetic tasks with verifiers, a pretraining corpus, file I/O.
 
 `get_task(name, **params)` is how the config names a domain ("math", "programs", or a real data
-set such as "gsm8k").
+set such as "gsm8k", or "mbpp", the code domain whose programs run in the sandbox).
 """
 
 from opdgeom.tasks.base import Example, Task, extract_answer, normalize_answer, split, verify
+from opdgeom.tasks.code import CodeTask
 from opdgeom.tasks.corpus import generic_corpus
 from opdgeom.tasks.datasets import SOURCES as DATASET_SOURCES
 from opdgeom.tasks.datasets import DatasetTask
@@ -12,7 +13,7 @@ from opdgeom.tasks.files import load_hf_dataset, load_jsonl_dataset, read_jsonl,
 from opdgeom.tasks.math import MathTask
 from opdgeom.tasks.programs import ProgramTask
 
-TASKS: dict[str, type[Task]] = {MathTask.name: MathTask, ProgramTask.name: ProgramTask}
+TASKS: dict[str, type[Task]] = {MathTask.name: MathTask, ProgramTask.name: ProgramTask, CodeTask.name: CodeTask}
 
 
 def get_task(name: str, **params) -> Task:
@@ -29,6 +30,7 @@ def known_domains() -> list[str]:
 
 
 __all__ = [
+    "CodeTask",
     "DatasetTask",
     "known_domains",
     "Example",

@@ -86,6 +86,11 @@ class Task(ABC):
     def verify(self, completion: str, answer: str) -> float:
         return verify(completion, answer)
 
+    def verify_many(self, completions: list[str], answers: list[str]) -> list[float]:
+        """Every completion's reward: what a step's or an evaluation's scoring calls (a domain whose
+        verifier runs programs, the code domain, scores them concurrently)."""
+        return [self.verify(c, a) for c, a in zip(completions, answers)]
+
 
 def split(task: Task, n_train: int, n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
     """Disjoint train and eval sets: no prompt appears twice, within or across the two.

@@ -163,7 +163,7 @@ class PolicyGradientMethod:
         completion_mask_BT = packed["target_mask"]
         texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         rewards_B = torch.tensor(
-            [self.task.verify(t, self.examples[i].answer) for t, i in zip(texts, rows)], device=world.device
+            self.task.verify_many(texts, [self.examples[i].answer for i in rows]), device=world.device
         )
         batch = TokenBatch(packed["input_ids"], packed["attention_mask"], completion_mask_BT, torch.tensor(0.0))
         batch.extra = {"completion_mask_BT": completion_mask_BT, "rewards_B": rewards_B}
