@@ -106,3 +106,14 @@ def test_tracker_and_monitor_flags_follow_the_config():
     config["tracker"]["kind"] = "mlflow"
     with pytest.raises(ConfigError, match="tracker"):
         study(config)
+
+
+def test_hub_families_run_the_programs_variant_on_the_real_code_domain():
+    for family in ("qwen3-8b", "llama3-8b", "qwen3-pilot"):
+        config = copy.deepcopy(base_config())
+        config["family"] = family
+        s = study(config)
+        assert {s.runs[r].domain for r in ("sft.programs", "opd.programs")} == {"mbpp"}, family
+        assert "mbpp" in s.domains and "programs" not in s.domains
+    tiny = study(base_config())
+    assert tiny.runs["opd.programs"].domain == "programs"

@@ -279,3 +279,12 @@ def test_real_math_domains_score_boxed_and_hash_answers_by_equivalence():
     assert task.verify("no answer here", "72") == 0.0
     assert task.extract_answer("... \\boxed{1,000}") == "1,000"
     assert get_task("math").verify("\\boxed{72}", "72") == 0.0  # the synthetic domains read "####" only
+
+
+def test_a_real_data_set_smaller_than_asked_says_so(capsys):
+    from opdgeom.tasks.base import take
+
+    examples = [Example("p", "c", str(i)) for i in range(3)]
+    assert take("mbpp", examples, 5, "train") == examples
+    assert "mbpp: 3 train examples available, 5 asked: using all 3" in capsys.readouterr().err
+    assert take("mbpp", examples, 2, "train") == examples[:2] and capsys.readouterr().err == ""

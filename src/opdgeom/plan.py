@@ -184,7 +184,7 @@ class Study:
                 name=name,
                 method=entry["method"],
                 init=entry["init"],
-                domain=entry.get("domain", self.data["domain"]),
+                domain=self._domain(entry.get("domain", self.data["domain"])),
                 teacher=teacher,
                 train=TrainSettings.from_dict(self._run_train(where, entry), f"{where}.train"),
                 alpha=entry.get("alpha"),
@@ -339,6 +339,11 @@ class Study:
         keys = ("score_tokens", "kv_cache_gb", "k", "accuracy_temperature", "top_p")
         flags = {f"--{key.replace('_', '-')}": self.evaluate.get(key) for key in keys}
         return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
+
+    def _domain(self, name: str) -> str:
+        """A run's domain as this family runs it: the preset's ``domains`` map the study's names (the tiny
+        synthetic "programs" becomes the real code domain "mbpp" on the hub families)."""
+        return self.family.get("domains", {}).get(name, name)
 
     @staticmethod
     def _check_options(where: str, spec: RunSpec) -> None:

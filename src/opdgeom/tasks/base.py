@@ -8,6 +8,7 @@ equals the reference answer after both are put in canonical form.
 
 import random
 import re
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from decimal import Decimal
@@ -90,6 +91,14 @@ class Task(ABC):
         """Every completion's reward: what a step's or an evaluation's scoring calls (a domain whose
         verifier runs programs, the code domain, scores them concurrently)."""
         return [self.verify(c, a) for c, a in zip(completions, answers)]
+
+
+def take(name: str, examples: list[Example], n: int, role: str) -> list[Example]:
+    """The first ``n`` of a real data set's examples, saying so when it has fewer (it is not padded)."""
+    if len(examples) < n:
+        have = len(examples)
+        print(f"{name}: {have} {role} examples available, {n} asked: using all {have}", file=sys.stderr)
+    return examples[:n]
 
 
 def split(task: Task, n_train: int, n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:

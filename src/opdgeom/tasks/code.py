@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from opdgeom import sandbox
-from opdgeom.tasks.base import Example
+from opdgeom.tasks.base import Example, take
 from opdgeom.tasks.datasets import DatasetTask
 from opdgeom.tasks.files import _json_lines
 
@@ -237,7 +237,7 @@ class CodeTask(DatasetTask):
             train = load_mbpp_hub(TRAIN_SPLIT)
             held_out = load_mbpp_hub(EVAL_SPLIT, limit=n_eval)
         random.Random(seed).shuffle(train)
-        return train[:n_train], held_out
+        return take(self.name, train, n_train, "train"), take(self.name, held_out, n_eval, "held-out")
 
 
 def _lf(text: str) -> str:

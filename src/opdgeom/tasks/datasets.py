@@ -10,7 +10,7 @@ import os
 import random
 
 from opdgeom.tasks.answers import final_answer, verify_math
-from opdgeom.tasks.base import Example, Task
+from opdgeom.tasks.base import Example, Task, take
 from opdgeom.tasks.files import load_hf_dataset, load_jsonl_dataset
 
 SOURCES = {
@@ -51,4 +51,4 @@ class DatasetTask(Task):
             train = load_hf_dataset(dataset, config, train_split)
             held_out = load_hf_dataset(dataset, config, eval_split, limit=n_eval)
         random.Random(seed).shuffle(train)
-        return train[:n_train], held_out
+        return take(self.name, train, n_train, "train"), take(self.name, held_out, n_eval, "held-out")
