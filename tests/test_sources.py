@@ -357,3 +357,47 @@ def test_hub_snapshot_named_config_from_the_readme(tmp_path, dirs):
     for config, expected in (("main", 5), ("other", 1)):
         s = Source.from_dict({"dataset": "org/two-configs", "config": config, "split": "train", "fields": FIELDS}, "t")
         assert len(load_source(s, **dirs)[0]) == expected
+
+
+def test_rule_datas_command_reads_a_familys_pinned_sources_offline(tmp_path, monkeypatch, capsys):
+    """`opdgeom data --domain mbpp --sources ... --family F` (what rule data runs for a hub family, from
+    the preset's mbpp.train / mbpp.eval): MBPP records from a JSONL mirror become scorable problems; with
+    nothing fetched it stops naming the fetch command and writes nothing."""
+    import yaml
+
+    from opdgeom.cli import main as cli_main
+    from opdgeom.plan import Study
+    from opdgeom.tasks import get_task, read_jsonl
+    from opdgeom.tasks.sources import Source, mirror_path, revision_path
+
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["family"] = "qwen3-8b"
+    study = Study.from_config(config, REPO / "config" / "families", REPO / "workflow" / "schemas")
+    sources = study.data_sources("mbpp")
+    record = {"task_id": 1, "prompt": "Write a function to add two numbers.",
+              "code": "def add(a, b):\n    return a + b",
+              "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], "test_imports": []}  # fmt: skip
+    mirror = tmp_path / "mirror"
+    for role, split_records in (("train", [record] * 3), ("eval", [record])):
+        source = Source.from_dict(sources[role], role)
+        path = mirror_path(source, mirror)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in split_records))
+        revision_path(path).write_text(source.revision)
+    out = tmp_path / "data"
+    argv = ["data", "--domain", "mbpp", "--n-train", "2", "--n-eval", "1",
+            "--train-out", str(out / "train.jsonl"), "--eval-out", str(out / "eval.jsonl"),
+            "--sources", json.dumps(sources), "--family", "qwen3-8b"]  # fmt: skip
+    monkeypatch.setenv("OPDGEOM_DATA_MIRROR", str(mirror))
+    assert cli_main(argv) == 0
+    train, held_out = read_jsonl(out / "train.jsonl"), read_jsonl(out / "eval.jsonl")
+    assert len(train) == 2 and len(held_out) == 1
+    assert get_task("mbpp").verify(held_out[0].completion, held_out[0].answer) == 1.0  # the reference passes
+    monkeypatch.setenv("OPDGEOM_DATA_MIRROR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    assert cli_main([*argv[:8], str(tmp_path / "none" / "train.jsonl"), *argv[9:]]) == 1
+    assert "opdgeom fetch-data --family qwen3-8b" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -19,7 +19,12 @@ def _data(args) -> None:
 
     task = get_task(args.domain)
     if isinstance(task, DatasetTask):
-        train, held_out = task.load_splits(args.n_train, args.n_eval, args.seed)
+        sources = None
+        if args.sources:
+            from opdgeom.tasks.sources import Source
+
+            sources = {role: Source.from_dict(s, f"--sources.{role}") for role, s in json.loads(args.sources).items()}
+        train, held_out = task.load_splits(args.n_train, args.n_eval, args.seed, sources, args.family)
     else:
         train, held_out = split(task, args.n_train, args.n_eval, args.seed)
     write_jsonl(args.train_out, train)
@@ -245,13 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdgeom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("data", help="write train/eval splits of a synthetic domain")
+    p = sub.add_parser("data", help="write train/eval splits of a domain (synthetic, or a real data set offline)")
     p.add_argument("--domain", required=True)
     p.add_argument("--n-train", type=int, required=True)
     p.add_argument("--n-eval", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-out", type=Path, required=True)
     p.add_argument("--eval-out", type=Path, required=True)
+    p.add_argument("--sources", help='a real domain\'s pinned sources as JSON: {"train": {...}, "eval": {...}}')
+    p.add_argument("--family", help="named in the fetch-data command of a missing source's error")
     p.set_defaults(func=_data)
 
     p = sub.add_parser("corpus", help="write the generic pretraining corpus")
@@ -273,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_model)
+
+    from opdgeom.tasks.fetch import add_fetch_parser
+
+    add_fetch_parser(sub)  # fetch-data: a family's pinned data sources, on a login node
 
     p = sub.add_parser("fetch-models", help="pre-fill the Hugging Face cache with a family's hub models")
     p.add_argument("--family", required=True)

@@ -151,6 +151,7 @@ class Study:
         self.models = family["models"]
         # Hub families run on GPU nodes and are checked against them; built (tiny) ones are one process.
         self.hub = any(m["source"] == "hub" for m in family["models"].values())
+        self._check_sources()
         self.train_resources = self._train_resources(family, self.hub)
         if self.hub:
             self._check_memory(family)
@@ -339,6 +340,19 @@ class Study:
         keys = ("score_tokens", "kv_cache_gb", "k", "accuracy_temperature", "top_p")
         flags = {f"--{key.replace('_', '-')}": self.evaluate.get(key) for key in keys}
         return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
+
+    def data_sources(self, domain: str) -> dict | None:
+        """A real domain's pinned sources from the family preset (``sources: {<domain>.train, <domain>.eval}``),
+        as the data command reads them; None: the domain's built-in location (or a synthetic generator)."""
+        section = self.family.get("sources", {})
+        roles = {role: section[f"{domain}.{role}"] for role in ("train", "eval") if f"{domain}.{role}" in section}
+        return roles or None
+
+    def _check_sources(self) -> None:
+        from opdgeom.tasks.sources import Source
+
+        for name, entry in self.family.get("sources", {}).items():
+            Source.from_dict(entry, f"config: family {self.name}: sources.{name}")
 
     def _domain(self, name: str) -> str:
         """A run's domain as this family runs it: the preset's ``domains`` map the study's names (the tiny

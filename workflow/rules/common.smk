@@ -92,6 +92,14 @@ def run_flags(wildcards):
     return flags
 
 
+def data_source_flags(wildcards):
+    """A real domain's pinned sources (family preset key sources) for the data command; "" otherwise."""
+    sources = STUDY.data_sources(wildcards.domain)
+    if sources is None:
+        return ""
+    return f"--sources {shlex.quote(json.dumps(sources))} --family {STUDY.name}"
+
+
 def watch_flags():
     return STUDY.watch_flags()
 

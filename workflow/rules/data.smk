@@ -21,9 +21,10 @@ rule data:
         n_train=STUDY.data["n_train"],
         n_eval=STUDY.data["n_eval"],
         seed=STUDY.seed,
+        sources=data_source_flags,
     shell:
         "python -m opdgeom data --domain {wildcards.domain} --n-train {params.n_train} --n-eval {params.n_eval} "
-        "--seed {params.seed} --train-out {output.train} --eval-out {output.eval} 2> {log}"
+        "--seed {params.seed} --train-out {output.train} --eval-out {output.eval} {params.sources} 2> {log}"
 
 
 rule pretrain_corpus:

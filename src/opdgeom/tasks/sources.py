@@ -180,7 +180,22 @@ def gsm8k_mapper(source: Source) -> Mapper:
     return mapper
 
 
-MAPPERS: dict[str, Callable[[Source], Mapper]] = {"fields": field_mapper, "gsm8k": gsm8k_mapper}
+def mbpp_mapper(source: Source) -> Mapper:
+    """MBPP records (task text, reference code, assert tests, test imports) through
+    ``code.mbpp_example``; ``fields`` may rename them (defaults: MBPP's own names)."""
+    from opdgeom.tasks.code import mbpp_example
+
+    names = {"text": "prompt", "code": "code", "tests": "test_list", "imports": "test_imports"} | dict(source.fields)
+
+    def mapper(record: Mapping[str, Any]) -> Example:
+        imports = read_field(record, names["imports"]) if names["imports"] in record else []
+        return mbpp_example(read_field(record, names["text"]), read_field(record, names["code"]),
+                            read_field(record, names["tests"]), imports)  # fmt: skip
+
+    return mapper
+
+
+MAPPERS: dict[str, Callable[[Source], Mapper]] = {"fields": field_mapper, "gsm8k": gsm8k_mapper, "mbpp": mbpp_mapper}
 
 
 # ---------------------------------------------------------------------------------------------------
