@@ -48,9 +48,11 @@ What cannot be split: TRL's GRPO reward function and advantage computation are i
 batch preparation (counted in "other"); our rewards and advantages are in "other" too. The TRL teacher's
 lm_head projection is fused into its loss kernel (in "forward"), ours is in "teacher".
 
-``--gpu``: the same pairs on a CUDA device at larger shapes with random weights (``--gpu-model``;
-default 8 layers of hidden 1024, 16/8 heads of 64, intermediate 3072 — the pilot family's width is not
-read from its config here); without CUDA it prints a line and exits 2.
+``--gpu``: the same pairs, the same settings, on the CUDA device at the pilot family's shapes with random
+weights (a Qwen3-0.6B-shaped student, a Qwen3-4B-shaped teacher, both over the 100-token character
+vocabulary, fp32 on both sides, one process); ``--gpu-student``/``--gpu-teacher`` change the shapes.
+Without CUDA it prints "bench_vs_trl --gpu: no CUDA device here; nothing measured" and exits 2. The GPU
+body has not been run here (no GPU on this machine).
 """
 
 from __future__ import annotations
@@ -72,9 +74,15 @@ TINY_STUDENT = {
     "source": "build", "architecture": "qwen3", "hidden_size": 64, "intermediate_size": 128,
     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
 }  # fmt: skip
-GPU_MODEL = {
+# The pilot family's (config/families/qwen3-pilot.yaml) shapes: Qwen3-0.6B-Base student, Qwen3-4B teacher
+# (their config.json values), random weights and the character vocabulary (100 tokens, not 151,936).
+GPU_STUDENT = {
     "source": "build", "architecture": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
-    "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+}  # fmt: skip
+GPU_TEACHER = {
+    "source": "build", "architecture": "qwen3", "hidden_size": 2560, "intermediate_size": 9728,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
 }  # fmt: skip
 
 DIFFERENCES = [
@@ -108,6 +116,10 @@ DIFFERENCES = [
     "Lengths: max_completion_length=40 = our max_new_tokens=40; TRL max_prompt_length does not exist in 1.16 "
     "(prompts are not truncated, like ours); mask_truncated_completions=False (default): truncated rows train "
     "on both sides.",
+    "Positions: TRL's training forward passes no position_ids, so a left-padded row's positions count its pads "
+    "(arange), while generation counted from the first real token (attention-mask cumsum); ours trains on "
+    "right-padded rows, positions from BOS in both. Under RoPE (Qwen3) a constant per-row shift leaves the "
+    "attention scores unchanged up to rounding, so this changes cost nothing and numbers only at rounding level.",
     "Export: ours writes a bf16 HF folder and the full trainer state (fp32 weights, AdamW moments, schedule, "
     "DCP) at the last step; TRL's save_model writes the fp32 model + tokenizer only (save_strategy='no').",
     "Data: both draw from the same 320 MathTask examples, but each side's own shuffle picks the prompts.",
@@ -228,7 +240,6 @@ def _child_trl(cfg: dict, out: Path) -> dict:
     )
     if tok("1+2")["input_ids"][0] != tok.bos_token_id:
         raise SystemExit("the TRL tokenizer does not start prompts with BOS")
-    dtype = torch.bfloat16 if cfg.get("gpu") else torch.float32
     student = transformers.AutoModelForCausalLM.from_pretrained(cfg["student"], dtype=torch.float32).to(device)
     examples = read_jsonl(cfg["data"])
     import random
@@ -241,13 +252,13 @@ def _child_trl(cfg: dict, out: Path) -> dict:
     rows = train["prompts"] * train["samples"]
     common = dict(
         output_dir=str(out / "trl"), max_steps=train["steps"], per_device_train_batch_size=rows,
-        gradient_accumulation_steps=1, learning_rate=train["lr"], max_grad_norm=1.0, bf16=cfg.get("gpu", False),
+        gradient_accumulation_steps=1, learning_rate=train["lr"], max_grad_norm=1.0, bf16=False,
         gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
         max_completion_length=train["new_tokens"], temperature=1.0, top_k=0, top_p=1.0, seed=0,
         use_cpu=not cfg.get("gpu"), dataloader_num_workers=0,
     )  # fmt: skip
     if method == "opd":
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(cfg["teacher"], dtype=dtype).to(device)
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(cfg["teacher"], dtype=torch.float32).to(device)
         picked = [examples[i] for i in order]
         data = datasets.Dataset.from_dict(
             {"prompt": [e.prompt for e in picked for _ in range(train["samples"])]}
@@ -330,7 +341,7 @@ def child_main(args) -> int:
 # -- the parent -----------------------------------------------------------------------------------
 
 
-def prepare(work: Path, args, model: dict) -> dict:
+def prepare(work: Path, args, model: dict, teacher: dict) -> dict:
     import torch
 
     from opdgeom.models import build_model, save_model
@@ -339,7 +350,7 @@ def prepare(work: Path, args, model: dict) -> dict:
 
     tok = build_char_tokenizer()
     save_model(build_model(model, tok, seed=0), tok, work / "student", dtype=torch.float32)
-    save_model(build_model(model, tok, seed=1), tok, work / "teacher", dtype=torch.float32)
+    save_model(build_model(teacher, tok, seed=1), tok, work / "teacher", dtype=torch.float32)
     train, _ = split(MathTask(), max(320, args.prompts * args.steps), 8, seed=0)
     write_jsonl(work / "train.jsonl", train)
     return {"student": str(work / "student"), "teacher": str(work / "teacher"), "data": str(work / "train.jsonl")}
@@ -354,6 +365,7 @@ def run_child(side: str, method: str, paths: dict, args, work: Path, tag: str) -
     (out / "config.json").write_text(json.dumps(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     env |= {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env["OPDGEOM_DEVICE"] = "cuda" if args.gpu else "cpu"  # ours would take a GPU it finds; TRL's side follows
     env |= {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--config", str(out / "config.json")]
     cmd += ["--out", str(out)]
@@ -483,27 +495,28 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, help="keep the models and runs here (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="also write every round's numbers here")
     p.add_argument("--gpu", action="store_true", help="the same pairs on a CUDA device at --gpu-model shapes")
-    p.add_argument("--gpu-model", default=json.dumps(GPU_MODEL))
+    p.add_argument("--gpu-student", default=json.dumps(GPU_STUDENT), help="the GPU student's shapes (JSON)")
+    p.add_argument("--gpu-teacher", default=json.dumps(GPU_TEACHER), help="the GPU teacher's shapes (JSON)")
     p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child_main(args)
-    model = TINY_STUDENT
+    model = teacher = TINY_STUDENT
     if args.gpu:
         import torch
 
         if not torch.cuda.is_available():
             print("bench_vs_trl --gpu: no CUDA device here; nothing measured")
             return 2
-        model = json.loads(args.gpu_model)
+        model, teacher = json.loads(args.gpu_student), json.loads(args.gpu_teacher)
     methods = args.methods.split(",")
     command = "python benchmarks/bench_vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl.") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        paths = prepare(work, args, model)
+        paths = prepare(work, args, model, teacher)
         results = {m: {"ours": [], "trl": []} for m in methods}
         started, done = time.perf_counter(), 0
         for r in range(args.rounds):
@@ -530,12 +543,14 @@ def main(argv=None) -> int:
     except OSError:
         commit = "unknown"
     shape = ", ".join(f"{k}={v}" for k, v in model.items() if k != "source")
+    if teacher is not model:
+        shape += "; teacher " + ", ".join(f"{k}={v}" for k, v in teacher.items() if k != "source")
     print(f"## bench_vs_trl: this project vs TRL ({versions()})\n")
     print(f"- machine: {machine()}")
     print(f"- device: {'cuda' if args.gpu else 'cpu'}; commit {commit}; command `{command}`")
     print(
         f"- work: student/teacher {shape}; {args.prompts} prompts x {args.samples} samples per step, "
-        f"{args.new_tokens} new tokens, {args.steps} steps, {'bf16 teacher' if args.gpu else 'fp32'}, one process, "
+        f"{args.new_tokens} new tokens, {args.steps} steps, fp32, one process, "
         f"{args.threads} threads, AdamW lr {args.lr:g} betas (0.9, 0.95), no warmup, cosine to 10%, clip 1.0"
     )
     rounds = len(results[methods[0]]["ours"])
