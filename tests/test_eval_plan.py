@@ -63,7 +63,7 @@ def test_the_planner_refuses_a_study_whose_evaluate_jobs_do_not_fit():
     # Teacher-forced passes of the whole batch (256 x 1024 tokens) beside the 32B teacher.
     with pytest.raises(ConfigError, match=r"qwen3-8b: evaluate: .*teacher phase: .*teacher pass"):
         study(config_for("qwen3-8b", score_tokens=262144))
-    assert study(config_for("qwen3-8b")).eval_budget_flags() == "--score-tokens 8192"
+    assert study(config_for("qwen3-8b")).eval_budget_flags() == "--score-tokens 8192 --kv-cache-gb 40"
 
 
 def test_a_larger_gpu_count_spreads_the_teacher():

@@ -117,3 +117,23 @@ def test_hub_families_run_the_programs_variant_on_the_real_code_domain():
         assert "mbpp" in s.domains and "programs" not in s.domains
     tiny = study(base_config())
     assert tiny.runs["opd.programs"].domain == "programs"
+
+
+def test_hub_presets_score_every_reference_on_their_benchmarks():
+    config = copy.deepcopy(base_config())
+    config["family"] = "qwen3-8b"
+    s = study(config)
+    aime = s.benchmarks["aime24"]
+    assert (aime.k, aime.temperature, aime.top_p, aime.max_new_tokens) == (16, 0.6, 0.95, 8192)
+    assert s.benchmarks["math500"].k == 1 and s.benchmark_source("math500")["dataset"] == "HuggingFaceH4/MATH-500"
+    spec = s.figures["fig6_aime24"]
+    assert spec.kind == "fig6" and spec.stem == "fig6.aime24" and spec.options["domain"] == "gsm8k"
+    inputs = s.figure_inputs("fig6_aime24")
+    assert inputs and all(p.parent == s.results / "eval" / "bench" / "aime24" for p in inputs)
+    assert s.figure_inputs("fig6") == [
+        s.eval_table(r) for r in dict.fromkeys([*s.figures["fig6"].runs, *s.reference_refs])
+    ]
+    assert "fig6_aime24" not in study(base_config()).figures  # the tiny family has no benchmarks
+    config["family_overrides"] = {"benchmarks": {"bad": {"source": "nowhere", "domain": "gsm8k", "max_new_tokens": 8}}}
+    with pytest.raises(ConfigError, match=r"benchmarks\.bad\.source: 'nowhere' is not in the family's sources"):
+        study(config)

@@ -132,7 +132,14 @@ def test_slurm_dry_run_trains_hub_families_on_whole_gpu_nodes(family, tmp_path, 
     assert eval_jobs
     gpus = {"qwen3-8b": 1, "llama3-8b": 3}[family]
     for job in eval_jobs:
-        assert f"gpu={gpus}, gpu_model=h100" in job.split("rule ")[0] and "--score-tokens 8192" in job
+        assert f"gpu={gpus}, gpu_model=h100" in job.split("rule ")[0] and "--score-tokens 8192 --kv-cache-gb 40" in job
+    # Every reference on every benchmark, with the benchmark's decoding (issue 25), from pinned sources.
+    bench_jobs = (proc.stdout + proc.stderr).split("rule benchmark:")[1:]
+    aime = [job for job in bench_jobs if "eval/bench/aime24/" in job.split("rule ")[0]]
+    assert len(bench_jobs) == 3 * len(eval_jobs) and aime
+    assert all("--max-new-tokens 8192 --k 16 --accuracy-temperature 0.6 --top-p 0.95" in job for job in aime)
+    data_jobs = (proc.stdout + proc.stderr).split("rule benchmark_data:")[1:]
+    assert len(data_jobs) == 3 and all("opdgeom benchmark-data --source" in job for job in data_jobs)
 
 
 def test_dry_run_trains_tiny_families_in_one_process(tmp_path, conda_env):

@@ -32,6 +32,18 @@ def _data(args) -> None:
     print(f"{args.domain}: {len(train)} train, {len(held_out)} eval examples", file=sys.stderr)
 
 
+def _benchmark_data(args) -> None:
+    from opdgeom.tasks import write_jsonl
+    from opdgeom.tasks.sources import Source, load_source
+
+    source = Source.from_dict(json.loads(args.source), "--source")
+    examples, dropped = load_source(source, family=args.family)
+    if not examples:
+        raise ValueError(f"{source.describe()}: no examples")
+    write_jsonl(args.out, examples)
+    print(f"{source.describe()}: {len(examples)} problems ({dropped} dropped by max_tokens)", file=sys.stderr)
+
+
 def _corpus(args) -> None:
     from opdgeom.tasks import Example, generic_corpus, write_jsonl
 
@@ -260,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", help='a real domain\'s pinned sources as JSON: {"train": {...}, "eval": {...}}')
     p.add_argument("--family", help="named in the fetch-data command of a missing source's error")
     p.set_defaults(func=_data)
+
+    p = sub.add_parser("benchmark-data", help="write a benchmark's problems from a pinned source (offline)")
+    p.add_argument("--source", required=True, help="the source as JSON (a family preset's sources entry)")
+    p.add_argument("--family", help="named in the fetch-data command of a missing source's error")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_benchmark_data)
 
     p = sub.add_parser("corpus", help="write the generic pretraining corpus")
     p.add_argument("--n-docs", type=int, required=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from opdgeom.config import ConfigError, deep_merge, load_family, validate
@@ -22,38 +22,8 @@ from opdgeom.spec import (
     TrainSettings,
     run_group,
 )
+from opdgeom.targets import FIGURE_DATA, FigureSpec, per_benchmark_figures, resolve_benchmarks
 from opdgeom.tasks import known_domains
-
-# Which table each figure is drawn from (opdgeom.figures.FIGURES has the functions; a test keeps
-# the two in step) and which files it writes.
-FIGURE_DATA = {
-    "table1": "compare", "accuracy": "eval", "rotation": "compare", "drift": "compare",
-    "localization": "compare", "heatmap": "compare", "fig4a": "trajectory", "fig4b": "trajectory",
-    "fig4c": "trajectory", "fig5": "trajectory", "fig6": "eval", "fig7a": "trajectory",
-    "fig7b": "trajectory", "fig7c": "trajectory", "budget": "geometry", "findings": "all",
-}  # fmt: skip
-# Files each figure writes (default: png, pdf and the plotted data as csv).
-FIGURE_EXTENSIONS = {"table1": ("csv", "md"), "findings": ("md", "html")}
-
-
-@dataclass(frozen=True)
-class FigureSpec:
-    """One figure target: its runs (config order), the options its function receives and the file
-    name its outputs take in figures/ (default: the figure's name)."""
-
-    name: str
-    runs: tuple[str, ...]
-    options: dict = field(hash=False)
-    file: str = ""
-
-    @property
-    def stem(self) -> str:
-        return self.file or self.name
-
-    @property
-    def extensions(self) -> tuple[str, ...]:
-        return FIGURE_EXTENSIONS.get(self.name, ("png", "pdf", "csv"))
-
 
 OPTION_CLASSES = {"token_mask": TokenMask, "behaviour": Behaviour, "projection": Projection}
 # A run entry with ``seeds: [0, 1, 2]`` becomes the runs "<name>.s0", "<name>.s1", "<name>.s2"; the
@@ -157,7 +127,8 @@ class Study:
             self._check_memory(family)
         self.planned = expand_seeds(config["runs"])
         self.runs = self._resolve_runs(self.planned)
-        self.figures = self._resolve_figures(config["figures"])
+        self.benchmarks = resolve_benchmarks(family, known_domains())
+        self.figures = per_benchmark_figures(self._resolve_figures(config["figures"]), self.benchmarks)
 
     @classmethod
     def from_config(cls, config: dict, families_dir: str | Path, schema_dir: str | Path) -> "Study":
@@ -249,8 +220,9 @@ class Study:
     def figure_inputs(self, name: str) -> list[Path]:
         """The tables a figure is drawn from: only its own runs (and references), nothing else."""
         spec = self.figures[name]
-        kind = FIGURE_DATA[name]
-        evals = [self.eval_table(ref) for ref in dict.fromkeys([*spec.runs, *self.reference_refs])]
+        kind = FIGURE_DATA[spec.kind]
+        refs = dict.fromkeys([*spec.runs, *self.reference_refs])
+        evals = [self.benchmark_table(spec.benchmark, r) if spec.benchmark else self.eval_table(r) for r in refs]
         if kind == "eval":
             return evals
         geometry = [t(run) for t in (self.compare_table, self.trajectory_table) for run in spec.runs]
@@ -287,7 +259,7 @@ class Study:
                 "alpha": self.diagnose["alpha"],
             },
         }
-        return {**derived.get(name, {}), **options}
+        return {**derived.get(spec.kind, {}), **options}
 
     @staticmethod
     def _train_resources(family: dict, hub: bool) -> TrainResources:
@@ -335,9 +307,15 @@ class Study:
         return " ".join([*self._tracker_flags(), f"--tracker-dir {where}"])
 
     def eval_budget_flags(self) -> str:
-        """The evaluate command's memory and decoding flags, from the resolved ``evaluate`` settings ("" when
-        unset: greedy accuracy, batch_size rows per pass)."""
-        keys = ("score_tokens", "kv_cache_gb", "k", "accuracy_temperature", "top_p")
+        """The evaluate command's memory flags, from the resolved ``evaluate`` settings ("" when unset:
+        batch_size rows per pass, batch_size whole sequences of KV cache)."""
+        return self._evaluate_flags("score_tokens", "kv_cache_gb")
+
+    def eval_decoding_flags(self) -> str:
+        """The held-out evaluation's accuracy decoding (greedy unless ``evaluate.k`` says avg@k)."""
+        return self._evaluate_flags("k", "accuracy_temperature", "top_p")
+
+    def _evaluate_flags(self, *keys: str) -> str:
         flags = {f"--{key.replace('_', '-')}": self.evaluate.get(key) for key in keys}
         return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
 
@@ -483,6 +461,15 @@ class Study:
 
     def eval_table(self, ref: str) -> Path:
         return self.results / "eval" / f"{ref}.parquet"
+
+    def benchmark_table(self, benchmark: str, ref: str) -> Path:
+        return self.results / "eval" / "bench" / benchmark / f"{ref}.parquet"
+
+    def benchmark_file(self, benchmark: str) -> Path:
+        return self.results / "data" / "bench" / f"{benchmark}.jsonl"
+
+    def benchmark_source(self, benchmark: str) -> dict:
+        return self.family["sources"][self.benchmarks[benchmark].source]
 
     def compare_table(self, run: str) -> Path:
         return self.results / "diagnose" / "compare" / f"{run}.parquet"

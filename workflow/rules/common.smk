@@ -135,5 +135,6 @@ def eval_source(wildcards):
 def all_targets():
     targets = [str(f) for name in STUDY.figures for f in STUDY.figure_outputs(name)]
     targets += [str(STUDY.eval_table(ref)) for ref in STUDY.eval_refs]
+    targets += [str(STUDY.benchmark_table(b, ref)) for b in STUDY.benchmarks for ref in STUDY.eval_refs]
     targets += [str(STUDY.trajectory_table(run)) for run in STUDY.study_runs]
     return targets

@@ -41,3 +41,17 @@ rule pretrain_corpus:
     shell:
         "python -m opdgeom corpus --n-docs {params.n_docs} --seq-len {params.seq_len} --seed {params.seed} "
         "--out {output} 2> {log}"
+
+
+rule benchmark_data:
+    output:
+        f"{RES}/data/bench/{{benchmark}}.jsonl",
+    log:
+        f"{LOGS}/data/bench/{{benchmark}}.log",
+    conda:
+        "../../envs/train.yaml"
+    params:
+        source=lambda wc: json.dumps(STUDY.benchmark_source(wc.benchmark)),
+        family=STUDY.name,
+    shell:
+        "python -m opdgeom benchmark-data --source {params.source:q} --family {params.family} --out {output} 2> {log}"

@@ -21,7 +21,7 @@ for _figure in STUDY.figures:
         conda:
             "../../envs/figures.yaml"
         params:
-            name=_figure,
+            name=STUDY.figures[_figure].kind,
             prefix=lambda wc, output: os.path.splitext(output[0])[0],
             options=json.dumps(STUDY.figure_options(_figure)),
         shell:
