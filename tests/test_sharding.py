@@ -79,6 +79,33 @@ def test_chunked_logprobs_and_gradients_equal_unchunked_float64(architecture, ch
         assert torch.allclose(param.grad, ref_grads[name], rtol=1e-10, atol=1e-12), name
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 10_000])
+def test_scoring_only_some_positions_gives_their_values_and_gradients_float64(chunk_tokens):
+    """positions_BT (the completion, for losses and teachers): those positions' log-probs and the
+    gradient of any weighting of them exactly as the whole pass gives; zeros elsewhere; none at all
+    still back-propagates (a zero loss)."""
+    model = _model("qwen3", seed=0, dtype=torch.float64)
+    ids_BT, mask_BT = _batch(4, 10, seed=1)
+    g = torch.Generator().manual_seed(3)
+    positions_BT = torch.rand(4, 9, generator=g) < 0.4
+    weights_BT = torch.rand(4, 9, generator=g, dtype=torch.float64) * positions_BT
+    ref_BT = _reference_logprobs(model, ids_BT, mask_BT)
+    (ref_BT * weights_BT).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logp_BT = token_logprobs(model, ids_BT, mask_BT, chunk_tokens=chunk_tokens, positions_BT=positions_BT)
+    assert torch.allclose(logp_BT[positions_BT], ref_BT[positions_BT], rtol=0, atol=1e-12)
+    assert (logp_BT[~positions_BT] == 0).all()
+    (logp_BT * weights_BT).sum().backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, ref_grads[name], rtol=1e-10, atol=1e-12), name
+    model.zero_grad(set_to_none=True)
+    none_BT = token_logprobs(model, ids_BT, mask_BT, positions_BT=torch.zeros(4, 9, dtype=torch.bool))
+    assert (none_BT == 0).all()
+    none_BT.sum().backward()
+    assert model.get_output_embeddings().weight.grad is not None
+
+
 def test_chunked_logprobs_of_a_tied_model_and_without_grad():
     """Tied embeddings (Qwen3-0.6B, 4B): the shared matrix gets both gradients; under no_grad nothing is
     checkpointed and the values are the same."""

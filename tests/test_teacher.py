@@ -88,8 +88,11 @@ def test_a_teacher_in_the_students_format_scores_the_students_rows(pair):
     assert scorer.same_format
     prompt_ids, completion_ids, batch = student_batch(student_tok, ["1+1=?"], ["2"])
     got = scorer(["1+1=?"], prompt_ids, completion_ids, batch)
-    expected = token_logprobs(teacher, batch.input_ids_BT, batch.attention_mask_BT).float()
-    assert torch.equal(got, expected)
+    full = token_logprobs(teacher, batch.input_ids_BT, batch.attention_mask_BT).float()
+    completion_BT = batch.target_mask_BT.bool()
+    # The completion positions exactly as a full pass scores them; the prompt's are not scored (zero).
+    assert torch.equal(got[completion_BT], full[completion_BT]) and completion_BT.sum() == 2
+    assert (got[~completion_BT] == 0).all()
 
 
 def test_a_teacher_with_another_vocabulary_is_refused_by_name(pair, tmp_path):

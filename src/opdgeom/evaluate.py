@@ -105,8 +105,9 @@ def completion_logprobs(
     for batch in _passes(prompts, completions, batch_size, max_tokens):
         p, c = prompts[batch], completions[batch]
         rows = pack(p, c, pad_id)
-        logp_BT = token_logprobs(model, rows["input_ids"].to(device), rows["attention_mask"].to(device)).float().cpu()
         mask_BT = rows["target_mask"].bool()
+        ids_BT, attention_BT = rows["input_ids"].to(device), rows["attention_mask"].to(device)
+        logp_BT = token_logprobs(model, ids_BT, attention_BT, positions_BT=mask_BT.to(device)).float().cpu()
         out.extend(logp_BT[i][mask_BT[i, : logp_BT.shape[1]]] for i in range(len(p)))
     return out
 

@@ -103,12 +103,14 @@ class TokenBatch:
 
 @torch.no_grad()
 def score(model, batch: TokenBatch, max_tokens: int | None, world: World) -> torch.Tensor:
-    """log pi(y_t) of every position of ``batch`` under ``model``, micro-batch by micro-batch: (B, T-1).
+    """log pi(y_t) of the completion positions of ``batch`` under ``model`` (0 elsewhere: nothing reads
+    a prompt's scores), micro-batch by micro-batch: (B, T-1).
 
     ``world``: the ranks that hold ``model`` (sharded); each runs the same number of passes."""
     out_BT = torch.zeros(batch.target_mask_BT.shape, dtype=torch.float32, device=batch.input_ids_BT.device)
     for rows in batch.micro_batches(max_tokens, world):
         micro = batch.select(rows)
-        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
+        positions_BT = micro.extra.get("completion_mask_BT", micro.target_mask_BT).bool()
+        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT, positions_BT=positions_BT)
         out_BT[rows, : logp_BT.shape[1]] = logp_BT.float()
     return out_BT

@@ -67,7 +67,9 @@ class SFTMethod:
         return TokenBatch(rows["input_ids"], rows["attention_mask"], mask_BT, _normalizer(mask_BT, self.world))
 
     def loss(self, model, micro: TokenBatch) -> tuple[torch.Tensor, dict]:
-        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
+        logp_BT = token_logprobs(
+            model, micro.input_ids_BT, micro.attention_mask_BT, positions_BT=micro.target_mask_BT.bool()
+        )
         return sft_loss(logp_BT, micro.target_mask_BT, micro.normalizer), {}
 
     def stats(self, batch: TokenBatch, sums: dict) -> dict:
@@ -195,7 +197,9 @@ class PolicyGradientMethod:
 
     def loss(self, model, micro: TokenBatch) -> tuple[torch.Tensor, dict]:
         kept_BT, extra = micro.target_mask_BT, micro.extra
-        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
+        # Only the completion is read (advantages, ratios, the loss): the prompt's positions are not scored.
+        positions_BT = extra["completion_mask_BT"].bool()
+        logp_BT = token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT, positions_BT=positions_BT)
         # On-policy the sampler is the current policy: rho = exp(logp - logp.detach()) = 1 exactly.
         behaviour_logp_BT = extra.get("behaviour_logp_BT", logp_BT.detach())
         sums = {}
