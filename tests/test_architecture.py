@@ -71,3 +71,18 @@ def test_the_rule_sees_a_violation(tmp_path):
     module = tmp_path / "module.py"
     module.write_text("def f():\n    from opdgeom.train.loop import train\n    import opdgeom.figures\n")
     assert imported_units(module) == {("train", 2), ("figures", 3)}
+
+
+def test_a_training_job_imports_only_what_it_uses():
+    """Start-up (issue 28): `opdgeom train` without a monitor or tracker loads neither the geometry
+    engine (polars, scipy) nor a tracker package nor vLLM."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, opdgeom.cli, opdgeom.train.run; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('polars', 'scipy', 'tensorboard', 'wandb', 'trackio', 'vllm') or m.startswith('opdgeom.geometry')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -84,10 +84,15 @@ def _fetch_models(args) -> None:
 
 
 def _train(args) -> None:
-    from opdgeom.geometry.live import MonitorSettings
     from opdgeom.spec import RunSpec
     from opdgeom.tracking import TrackerSettings
     from opdgeom.train.run import train_run
+
+    monitor = None
+    if args.monitor_every:
+        from opdgeom.geometry.live import MonitorSettings
+
+        monitor = MonitorSettings(args.monitor_every, args.monitor_k)
 
     train_run(
         RunSpec.from_json(json.loads(args.spec), where="--spec"),
@@ -98,7 +103,7 @@ def _train(args) -> None:
         teacher=args.teacher,
         projection_basis=args.projection_basis,
         tracker=TrackerSettings(args.tracker, args.tracker_project, args.wandb_mode),
-        monitor=MonitorSettings(args.monitor_every, args.monitor_k) if args.monitor_every else None,
+        monitor=monitor,
     )
 
 

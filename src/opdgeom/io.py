@@ -7,8 +7,10 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
+if TYPE_CHECKING:  # polars loads with the first table written, not with every job that imports io
+    import polars as pl
 
 
 @contextmanager

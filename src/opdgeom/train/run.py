@@ -7,10 +7,10 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from opdgeom.geometry.live import MonitorSettings
 from opdgeom.manifest import write_manifest
 from opdgeom.models import build_model, load_tokenizer, save_model
 from opdgeom.rollout.colocate import close_engines
@@ -25,6 +25,9 @@ from opdgeom.train.methods import PolicyGradientMethod, SFTMethod
 from opdgeom.train.projection import SubspaceProjection
 from opdgeom.train.teacher import TeacherScorer
 from opdgeom.train.watch import RunWatch
+
+if TYPE_CHECKING:  # the monitor's modules (geometry: polars, scipy) load only for a monitored run
+    from opdgeom.geometry.live import MonitorSettings
 
 
 def fingerprint(*parts) -> str:

@@ -12,16 +12,15 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
-
-from opdgeom.geometry.live import ChannelMonitor, MonitorSettings
-from opdgeom.io import write_parquet
 from opdgeom.tracking import NullTracker, Tracker
 from opdgeom.train.distributed import SINGLE, World, global_sum
 
+if TYPE_CHECKING:  # imported when a run is monitored (polars, scipy: start-up a plain job does not pay)
+    from opdgeom.geometry.live import MonitorSettings
+
 MONITOR_FILE = "monitor.parquet"
-SCHEMA = {"step": pl.Int64, "tensor": pl.Utf8, "metric": pl.Utf8, "numel": pl.Int64, "value": pl.Float64}
 
 
 def _log(msg: str, world: World) -> None:
@@ -37,11 +36,13 @@ class RunWatch:
         """Build it before the run resumes: the model's weights are then the init, W_0 of the monitor."""
         self.run_dir, self.world = Path(run_dir), world
         self.tracker = tracker or NullTracker()
-        self.monitor = (
-            ChannelMonitor(model, monitor, steps, checkpoint_steps, reduce=lambda t: global_sum(t, world))
-            if monitor is not None
-            else None
-        )
+        self.monitor = None
+        if monitor is not None:
+            from opdgeom.geometry.live import ChannelMonitor
+
+            self.monitor = ChannelMonitor(
+                model, monitor, steps, checkpoint_steps, reduce=lambda t: global_sum(t, world)
+            )
         self.rows: list[dict] = []
         self.step_seconds: list[float] = []
 
@@ -50,6 +51,8 @@ class RunWatch:
         reference checkpoint is behind (read back from that checkpoint)."""
         if self.monitor is None or start == 0:
             return
+        import polars as pl
+
         path = self.run_dir / MONITOR_FILE
         if path.exists():
             self.rows = pl.read_parquet(path).filter(pl.col("step") <= start).to_dicts()
@@ -75,7 +78,12 @@ class RunWatch:
 
     def checkpoint(self) -> None:
         if self.monitor is not None and self.world.is_main:
-            write_parquet(pl.DataFrame(self.rows, schema=SCHEMA), self.run_dir / MONITOR_FILE)
+            import polars as pl
+
+            from opdgeom.io import write_parquet
+
+            schema = {"step": pl.Int64, "tensor": pl.Utf8, "metric": pl.Utf8, "numel": pl.Int64, "value": pl.Float64}
+            write_parquet(pl.DataFrame(self.rows, schema=schema), self.run_dir / MONITOR_FILE)
 
     def close(self) -> None:
         self.checkpoint()
