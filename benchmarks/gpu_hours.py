@@ -14,7 +14,9 @@ teacher, behaviour copy, student size):
   SFT steps: 8 x N_student x (P + C) x B; every run: start-up, and one save per checkpoint.
 Evaluate, per evaluated checkpoint on evaluate.gpus GPUs, in its three phases: an engine start and the
 greedy + sampled decoding, the teacher's load and forward over the samples, the student's load and
-forward over the demonstrations and samples.
+forward over the demonstrations and samples. Benchmarks (family key benchmarks), per evaluated
+checkpoint: problems x k x (fill x max_new_tokens) decoded tokens / decode tok/s on one GPU, plus an
+engine start and the student's load.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from opdgeom.plan import Study
 from opdgeom.train.memory_plan import meta_model, shape_of
 
 REPO = Path(__file__).resolve().parents[1]
+# Problems per benchmark source (the data sets' cards: MATH-500's test split, AIME 2024's 30, GSM8K's test).
+BENCHMARK_PROBLEMS = {"HuggingFaceH4/MATH-500": 500, "HuggingFaceH4/aime_2024": 30, "openai/gsm8k": 1319}
 
 
 def params(spec: dict) -> float:
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--save-s", type=float, default=120.0, help="one checkpoint: HF export + DCP state")
     ap.add_argument("--sync-s", type=float, default=5.0, help="one weight sync into the colocated engines")
     ap.add_argument("--engine-start-s", type=float, default=90.0, help="one evaluation engine (CUDA graphs)")
+    ap.add_argument("--bench-fill", type=float, default=0.5, help="benchmark completions' mean length / max_new_tokens")
     args = ap.parse_args()
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -105,6 +110,12 @@ def main() -> None:
         evaluated += len(study.runs[ref].train.checkpoint_steps) + 1 if ref in study.runs else 1
     rows = [(g, sum(v) / len(v), len(v)) for g, v in groups.items()]
     rows.append((f"evaluate ({evaluated} checkpoints, {eval_gpus} GPU each)", ckpt_s * eval_gpus / 3600 * evaluated, 1))
+    for name, bench in study.benchmarks.items():
+        problems = BENCHMARK_PROBLEMS[study.benchmark_source(name)["dataset"]]
+        tokens = problems * bench.k * args.bench_fill * bench.max_new_tokens
+        bench_s = args.engine_start_s + tokens / args.decode_tok_s + 2 * n_s / args.load_gb_s / 1e9
+        rows.append((f"benchmark {name} ({problems} x {bench.k}, {bench.max_new_tokens} tokens max)",
+                     bench_s / 3600 * evaluated, 1))  # fmt: skip
 
     print(
         f"family {args.family}: {len(study.runs)} runs, student {n_s / 1e9:.2f}B, teacher {n_t / 1e9:.2f}B, "
