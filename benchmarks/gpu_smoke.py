@@ -8,8 +8,9 @@ the package's own jobs, launched as the workflow launches them:
    OPD with top-KL token selection, bf16 FSDP2 with activation checkpointing, ``micro_batch_tokens``
    small enough that every scoring pass and the loss run several micro-batches, the teacher sharded
    over the ranks, rollouts on colocated vLLM engines (asleep during the update, synced after it);
-2. ``opdgeom evaluate`` on the run's checkpoints with the teacher, in its three phases: greedy and
-   sampled answers on a vLLM engine, the teacher alone, then the student with the reverse KL.
+2. ``opdgeom evaluate`` on the run's checkpoints with the teacher, in its three phases: avg@k answers
+   (T 0.6, top-p 0.95) and samples on a vLLM engine at a reasoning model's length (4096 new tokens on
+   GPUs), the teacher alone, then the student with the reverse KL.
 
 It prints each job's wall time, peak GPU memory (nvidia-smi, polled), the training log's step lines
 (tokens/s) and exits non-zero if a job fails. Record what it prints in benchmarks/RESULTS.md.
@@ -141,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         "--engine", choices=["vllm", "hf"], help="rollout and evaluation engine (default: vllm on GPUs, hf on CPU)"
     )
     parser.add_argument("--score-tokens", type=int, default=4096, help="evaluate's padded tokens per teacher pass")
+    parser.add_argument(
+        "--eval-max-new-tokens", type=int,
+        help="the evaluate job's generation length (default 4096 on GPUs; --max-new-tokens on CPU)",
+    )  # fmt: skip
+    parser.add_argument("--eval-k", type=int, default=4, help="the evaluate job's avg@k samples per problem")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
@@ -179,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{launch_command(1, ranks)} -m opdgeom train --spec '{json.dumps(spec)}' --init {student} "
         f"--teacher {teacher} --train-data {out / 'train.jsonl'} --out {out / 'run'}"
     )
+    eval_new = args.eval_max_new_tokens or (4096 if on_gpu and not args.cpu_smoke else args.max_new_tokens)
     eval_cmd = (
         f"python -m opdgeom evaluate --manifest {out / 'run' / 'manifest.json'} --ref smoke "
-        f"--eval-data {out / 'eval.jsonl'} --domain math --max-new-tokens {args.max_new_tokens} --batch-size 32 "
+        f"--eval-data {out / 'eval.jsonl'} --domain math --max-new-tokens {eval_new} --batch-size 32 "
+        f"--k {args.eval_k} --accuracy-temperature 0.6 --top-p 0.95 "
         f"--teacher {teacher} --samples 2 --engine {engine} --score-tokens {args.score_tokens} "
         f"--out {out / 'eval.parquet'}"
     )

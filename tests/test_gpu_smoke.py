@@ -30,4 +30,4 @@ def test_gpu_smoke_runs_train_and_evaluate_on_cpu(tmp_path):
     assert proc.stdout.count("step ") >= 3 and "world=2" in proc.stdout
     table = pl.read_parquet(tmp_path / "eval.parquet")
     assert table["step"].to_list()[-1] == 3  # the final checkpoint was evaluated
-    assert (table["reverse_kl"] > 0).all() and (table["samples"] == 2).all()
+    assert (table["reverse_kl"] > 0).all() and (table["samples"] == 2).all() and (table["k"] == 4).all()

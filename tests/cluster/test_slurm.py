@@ -78,8 +78,10 @@ def run_smoke(
 
 def expected_request(rule: str) -> dict:
     resources = {**PROFILE["default-resources"], **PROFILE["set-resources"].get(rule, {})}
-    if rule == "train":
-        resources["gpu"] = 1  # rule train sets its GPUs from the family: a tiny one trains in one process
+    if rule in ("train", "evaluate"):
+        # The rules set their GPUs from the family: a tiny one trains in one process, and evaluates on
+        # evaluate.gpus GPUs (1 unless the preset says otherwise).
+        resources["gpu"] = 1
     return {
         "JobState": "COMPLETED",
         "Partition": resources["slurm_partition"],
