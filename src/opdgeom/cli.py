@@ -257,6 +257,15 @@ def _memory_plan(args) -> None:
     print(memory_plan(args.family, args.gpus, args.gpu_mem_gb, as_json=args.json))
 
 
+def _statistics_arguments(p) -> None:
+    """How diagnose and watch compute: the statistics cache, the device, hub access, progress."""
+    p.add_argument("--cache", type=Path, help="statistics cache (default $OPDGEOM_CACHE or ~/.cache/opdgeom)")
+    p.add_argument("--no-cache", action="store_true", help="compute every statistic afresh, store nothing")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--allow-download", action="store_true", help="download a hub BASE missing from the HF cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
 def _tracker_arguments(p) -> None:
     p.add_argument("--tracker", choices=["none", "tensorboard", "wandb", "trackio"], default="none")
     p.add_argument("--tracker-project", default="opdgeom", help="the tracker's project (W&B, trackio)")
@@ -396,11 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05, help="mask fraction (random overlap baseline)")
     p.add_argument("--eta", type=float, default=1e-3, help="bf16-aware sparsity tolerance")
     p.add_argument("--trajectory-k", type=int, default=16, help="K of the trajectory's subspace similarity")
-    p.add_argument("--cache", type=Path, help="statistics cache (default $OPDGEOM_CACHE or ~/.cache/opdgeom)")
-    p.add_argument("--no-cache", action="store_true", help="compute every statistic afresh, store nothing")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--allow-download", action="store_true", help="download a hub BASE missing from the HF cache")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _statistics_arguments(p)
     p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("watch", help="follow a run folder while it is written: diagnose page updated per checkpoint")
@@ -412,11 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="one pass over what is complete now, then exit")
     p.add_argument("--k", type=int, default=16, help="subspace rank for principal angles and masks")
     p.add_argument("--trajectory-k", type=int, default=16, help="K of the trajectory's subspace similarity")
-    p.add_argument("--cache", type=Path, help="statistics cache (default $OPDGEOM_CACHE or ~/.cache/opdgeom)")
-    p.add_argument("--no-cache", action="store_true", help="compute every statistic afresh, store nothing")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--allow-download", action="store_true", help="download a hub BASE missing from the HF cache")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _statistics_arguments(p)
     _tracker_arguments(p)
     p.set_defaults(func=_watch)
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from opdgeom.config import ConfigError
 from opdgeom.tasks.base import Example
-from opdgeom.tasks.files import gsm8k_example
+from opdgeom.tasks.files import _json_lines, gsm8k_example
 
 EXAMPLE_FIELDS = ("prompt", "completion", "answer")
 MIRROR_ENV = "OPDGEOM_DATA_MIRROR"  # the JSONL mirror folder when load_source / fetch-data get none
@@ -281,17 +281,7 @@ def _mirror_records(source: Source, mirror_dir: Path, family: str | None) -> Ite
 
 
 def _jsonl_records(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON: {error.msg}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            yield record
+    return (record for _, record in _json_lines(path))
 
 
 def _snapshot_records(source: Source, caches: tuple[Path, Path], family: str | None) -> Iterable[dict] | None:
