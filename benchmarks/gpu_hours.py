@@ -5,18 +5,19 @@ them in benchmarks/RESULTS.md).
     python benchmarks/gpu_hours.py --family qwen3-8b [--mfu 0.4] [--decode-tok-s 2500]
 
 Per run, on the family's train_resources (W GPUs), from its own run spec (steps, batch, group size,
-teacher, behaviour copy, student size):
+teacher, behaviour copy, student size, rollout cap); C, the mean sampled length, is fill x the run's
+max_new_tokens, and an SFT demonstration's length is fill x its source's max_tokens (P + C without one):
   rollout    C x B x G generated tokens / (decode tok/s per GPU x W)              (vLLM, colocated)
   teacher    2 x N_teacher x (P + C) x B x G FLOPs / (peak x MFU x W)     (OPD and mixtures; forward)
   behaviour  2 x N_student x (P + C) x B x G FLOPs / (peak x MFU x W)   (off-policy runs: the frozen copy)
   update     8 x N_student x (P + C) x B x G FLOPs / (peak x MFU x W)     (fwd + bwd + recompute)
   sync       a weight sync whenever the sampler changes (on-policy: every step; lagged: every lag)
-  SFT steps: 8 x N_student x (P + C) x B; every run: start-up, and one save per checkpoint.
+  SFT steps: 8 x N_student x demonstration length x B; every run: start-up, one save per checkpoint.
 Evaluate, per evaluated checkpoint on evaluate.gpus GPUs, in its three phases: an engine start and the
-greedy + sampled decoding, the teacher's load and forward over the samples, the student's load and
-forward over the demonstrations and samples. Benchmarks (family key benchmarks), per evaluated
-checkpoint: problems x k x (fill x max_new_tokens) decoded tokens / decode tok/s on one GPU, plus an
-engine start and the student's load.
+greedy + sampled decoding (fill x evaluate.max_new_tokens each), the teacher's load and forward over
+the samples, the student's load and forward over the demonstrations and samples. Benchmarks (family
+key benchmarks), per evaluated checkpoint: problems x k x (fill x max_new_tokens) decoded tokens /
+decode tok/s on one GPU, plus an engine start and the student's load.
 """
 
 from __future__ import annotations
@@ -59,13 +60,12 @@ def main() -> None:
     ap.add_argument("--mfu", type=float, default=0.40, help="model FLOP utilisation of training and scoring")
     ap.add_argument("--decode-tok-s", type=float, default=2500.0, help="vLLM decode tokens/s per GPU (8B)")
     ap.add_argument("--prompt-tokens", type=int, default=200)
-    ap.add_argument("--completion-tokens", type=int, default=300, help="mean sampled length (cap: max_new_tokens)")
+    ap.add_argument("--fill", type=float, default=0.5, help="mean generated (or demonstration) length / its cap")
     ap.add_argument("--load-gb-s", type=float, default=2.0, help="reading a model folder, GB/s (shared FS)")
     ap.add_argument("--startup-s", type=float, default=300.0, help="a training job's start (loads, engines, graphs)")
     ap.add_argument("--save-s", type=float, default=120.0, help="one checkpoint: HF export + DCP state")
     ap.add_argument("--sync-s", type=float, default=5.0, help="one weight sync into the colocated engines")
     ap.add_argument("--engine-start-s", type=float, default=90.0, help="one evaluation engine (CUDA graphs)")
-    ap.add_argument("--bench-fill", type=float, default=0.5, help="benchmark completions' mean length / max_new_tokens")
     args = ap.parse_args()
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -75,20 +75,20 @@ def main() -> None:
     gpus = r.nodes * r.gpus_per_node
     sizes = {name: params(spec) for name, spec in study.models.items()}
     flops = args.peak_tflops * 1e12 * args.mfu
-    seq = args.prompt_tokens + args.completion_tokens
     groups: dict[str, list[float]] = {}
     for name, spec in study.runs.items():
         t = spec.train
         n_student = sizes[base_model(study, spec.init)]
+        completion = args.fill * t.max_new_tokens
         if spec.method == "sft":
-            step_s = 8 * n_student * t.batch_size * seq / (flops * gpus)
+            demo_cap = ((study.data_sources(spec.domain) or {}).get("sft") or {}).get("max_tokens")
+            demo = args.fill * demo_cap if demo_cap else args.prompt_tokens + completion
+            step_s = 8 * n_student * t.batch_size * demo / (flops * gpus)
             group = "SFT anchors and SFT controls"
         else:
             seqs = t.batch_size * t.group_size
-            tokens = seqs * seq
-            step_s = seqs * args.completion_tokens / (args.decode_tok_s * gpus) + 8 * n_student * tokens / (
-                flops * gpus
-            )
+            tokens = seqs * (args.prompt_tokens + completion)
+            step_s = seqs * completion / (args.decode_tok_s * gpus) + 8 * n_student * tokens / (flops * gpus)
             if spec.teacher is not None:
                 step_s += 2 * sizes[spec.teacher] * tokens / (flops * gpus)
             if spec.behaviour is not None:
@@ -101,7 +101,9 @@ def main() -> None:
     ev = study.evaluate
     n_eval, eval_gpus = study.data["n_eval"], ev.get("gpus", 1)
     n_s, n_t = sizes["student"], sizes["teacher"]
-    decode_s = n_eval * (1 + ev.get("samples", 1)) * args.completion_tokens / args.decode_tok_s
+    eval_completion = args.fill * ev["max_new_tokens"]
+    seq = args.prompt_tokens + eval_completion
+    decode_s = n_eval * (1 + ev.get("samples", 1)) * eval_completion / args.decode_tok_s
     teacher_s = 2 * n_t / args.load_gb_s / 1e9 + 2 * n_t * n_eval * ev.get("samples", 1) * seq / (flops * eval_gpus)
     student_s = 2 * n_s / args.load_gb_s / 1e9 + 2 * n_s * n_eval * (1 + ev.get("samples", 1)) * seq / flops
     ckpt_s = args.engine_start_s + decode_s + teacher_s + student_s
@@ -112,7 +114,7 @@ def main() -> None:
     rows.append((f"evaluate ({evaluated} checkpoints, {eval_gpus} GPU each)", ckpt_s * eval_gpus / 3600 * evaluated, 1))
     for name, bench in study.benchmarks.items():
         problems = BENCHMARK_PROBLEMS[study.benchmark_source(name)["dataset"]]
-        tokens = problems * bench.k * args.bench_fill * bench.max_new_tokens
+        tokens = problems * bench.k * args.fill * bench.max_new_tokens
         bench_s = args.engine_start_s + tokens / args.decode_tok_s + 2 * n_s / args.load_gb_s / 1e9
         rows.append((f"benchmark {name} ({problems} x {bench.k}, {bench.max_new_tokens} tokens max)",
                      bench_s / 3600 * evaluated, 1))  # fmt: skip
@@ -123,7 +125,7 @@ def main() -> None:
     )
     print(
         f"assumed: {args.peak_tflops:g} TFLOP/s x MFU {args.mfu:g}, decode {args.decode_tok_s:g} tok/s/GPU, "
-        f"{args.prompt_tokens} + {args.completion_tokens} tokens per sequence, start-up {args.startup_s:g} s, "
+        f"{args.prompt_tokens}-token prompts, generations {args.fill:g} x their cap, start-up {args.startup_s:g} s, "
         f"save {args.save_s:g} s per checkpoint, sync {args.sync_s:g} s, model reads {args.load_gb_s:g} GB/s, "
         f"evaluation engine start {args.engine_start_s:g} s"
     )

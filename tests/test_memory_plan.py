@@ -69,6 +69,20 @@ def test_pilot_fits_one_gpu():
     assert result.peak_bytes < 72e9
 
 
+def test_rollout_kv_cache_is_the_explicit_budget_when_smaller():
+    """8192-token rollouts: all 64 of a rank's sequences would need 82 GB of KV (qwen3-8b); the preset's
+    train.kv_cache_gb bounds the engine (the rest queue) and the plan counts exactly that budget."""
+    family = load_family_preset("qwen3-8b")
+    kv = {c.name: c.bytes for c in plan(family, 8, 80).components}["rollout kv cache"]
+    assert kv == 24 * 2**30 and family["train"]["max_new_tokens"] == 8192
+    unbounded = {**family, "train": {k: v for k, v in family["train"].items() if k != "kv_cache_gb"}}
+    whole = {c.name: c.bytes for c in plan(unbounded, 8, 80).components}["rollout kv cache"]
+    assert whole == 64 * (512 + 8192) * 2 * 36 * 8 * 128 * 2  # seqs x tokens x K,V x layers x kv_dim x bf16
+    assert not plan(unbounded, 8, 80).fits and plan(family, 8, 80).fits  # the budget is what makes it fit
+    generous = {**family, "train": {**family["train"], "kv_cache_gb": 1000}}
+    assert {c.name: c.bytes for c in plan(generous, 8, 80).components}["rollout kv cache"] == whole
+
+
 def test_too_small_a_request_is_refused_with_the_plans_numbers():
     with pytest.raises(ValueError, match=r"family 'qwen3-8b' does not fit 4 x 80 GB: peak \d+\.\d GB") as err:
         check_fits("qwen3-8b", 4, 80)
@@ -101,3 +115,29 @@ def test_gpu_benchmark_runs_its_code_path_on_cpu(repo):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "update" in proc.stdout and "tokens/s" in proc.stdout and "peak" in proc.stdout
+
+
+def test_the_rollout_engine_takes_the_kv_budget(tmp_path):
+    """train.kv_cache_gb reaches the vLLM engine's kv_cache_bytes (never below one whole max_model_len
+    sequence, which vLLM requires); without it the engine holds every rollout of the step at once."""
+    import transformers
+
+    from opdgeom.rollout.colocate import kv_bytes_per_token
+    from opdgeom.spec import TrainSettings
+    from opdgeom.train.distributed import SINGLE
+    from opdgeom.train.run import engine_settings
+
+    config = transformers.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=100,
+                                      max_position_embeddings=4096)  # fmt: skip
+    config.save_pretrained(tmp_path)
+    base = {"steps": 1, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0,
+            "checkpoint_every": 1, "max_new_tokens": 1024, "temperature": 1.0, "group_size": 4}  # fmt: skip
+    per_token = kv_bytes_per_token(config, 4)  # fp32 on CPU
+    whole = engine_settings(TrainSettings.from_dict(base), tmp_path, SINGLE, tmp_path)["kwargs"]["kv_cache_bytes"]
+    assert whole == 64 * (512 + 1024) * per_token
+    budget = 0.01  # GiB: fewer than the 64 rollouts at once
+    bounded = engine_settings(TrainSettings.from_dict({**base, "kv_cache_gb": budget}), tmp_path, SINGLE, tmp_path)
+    assert bounded["kwargs"]["kv_cache_bytes"] == int(budget * 2**30) < whole
+    tiny = engine_settings(TrainSettings.from_dict({**base, "kv_cache_gb": 1e-6}), tmp_path, SINGLE, tmp_path)
+    assert tiny["kwargs"]["kv_cache_bytes"] == bounded["kwargs"]["max_model_len"] * per_token  # one whole sequence

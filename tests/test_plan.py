@@ -47,7 +47,7 @@ def test_hub_family_sft_takes_the_preset_recipe(family):
     config["family"] = family
     s = study(config)
     for run in SFT_RUNS:
-        assert anchor(s.runs[run]) == (350, 64, 1.0e-5, 10, 50), run
+        assert anchor(s.runs[run]) == (625, 64, 1.0e-5, 19, 125), run
         assert s.runs[run].train.lr != 3.0e-3
     assert s.runs["sft.s0"].train.rollout_engine == "vllm"  # the family's train still applies
     assert anchor(s.runs["opd.s0"]) == (200, 64, 1.0e-6, 10, 20)
@@ -58,7 +58,29 @@ def test_pilot_has_its_own_anchor_length():
     config["family"] = "qwen3-pilot"
     s = study(config)
     for run in SFT_RUNS:
-        assert anchor(s.runs[run]) == (120, 64, 1.0e-5, 4, 40), run
+        assert anchor(s.runs[run]) == (125, 64, 1.0e-5, 4, 40), run
+
+
+def test_hub_presets_train_sft_on_demonstrations_and_the_others_on_prompts():
+    """The shared reasoning-math data: SFT runs read the domain's sft.jsonl (verified long-CoT traces),
+    policy-gradient runs its train.jsonl (DeepScaleR prompts); the pilot's overrides deep-merge over the
+    included file; the data rule gets the student's tokenizer for the 8192-token length filter."""
+    config = base_config()
+    config["family"] = "qwen3-8b"
+    s = study(config)
+    assert s.data["domain"] == "competition_math" and s.runs["sft.s0"].domain == "competition_math"
+    assert s.train_data(s.runs["sft.s0"]).name == "sft.jsonl" and s.train_data(s.runs["opd.s0"]).name == "train.jsonl"
+    roles = s.data_sources("competition_math")
+    assert set(roles) == {"sft", "prompts"} and roles["sft"]["dataset"] == "open-r1/OpenR1-Math-220k"
+    assert roles["prompts"]["dataset"] == "agentica-org/DeepScaleR-Preview-Dataset"
+    assert set(s.data_sources("mbpp")) == {"train", "eval"} and s.data_sources("math") is None
+    assert s.data_tokenizer("competition_math") == s.model_dir("student") and s.data_tokenizer("mbpp") is None
+    assert s.runs["opd.s0"].train.max_new_tokens == 8192 and s.runs["opd.s0"].train.kv_cache_gb == 24
+    config["family"] = "qwen3-pilot"
+    pilot = study(config)
+    sft = pilot.data_sources("competition_math")["sft"]
+    assert sft["max_tokens"] == 4096 and sft["mapper"] == "verified_trace"  # overridden key, kept others
+    assert pilot.benchmarks["aime24"].k == 16 and pilot.benchmarks["aime24"].max_new_tokens == 4096
 
 
 def test_unknown_recipe_is_refused_with_the_known_names():
@@ -127,7 +149,7 @@ def test_hub_presets_score_every_reference_on_their_benchmarks():
     assert (aime.k, aime.temperature, aime.top_p, aime.max_new_tokens) == (16, 0.6, 0.95, 8192)
     assert s.benchmarks["math500"].k == 1 and s.benchmark_source("math500")["dataset"] == "HuggingFaceH4/MATH-500"
     spec = s.figures["fig6_aime24"]
-    assert spec.kind == "fig6" and spec.stem == "fig6.aime24" and spec.options["domain"] == "gsm8k"
+    assert spec.kind == "fig6" and spec.stem == "fig6.aime24" and spec.options["domain"] == "competition_math"
     inputs = s.figure_inputs("fig6_aime24")
     assert inputs and all(p.parent == s.results / "eval" / "bench" / "aime24" for p in inputs)
     assert s.figure_inputs("fig6") == [

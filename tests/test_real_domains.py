@@ -1,7 +1,8 @@
 """The real-domain path end to end on CPU (issue 25), as a Snakemake run of config/smoke-real.yaml: the
-tiny family reads GSM8K-, MBPP- and MATH-500-shaped records from pinned sources in a JSONL mirror
-(written here: no network), rewards \\boxed{} / "####" answers by math-verify, trains on the code domain
-with programs run in the sandbox, and scores every reference on a benchmark with avg@k."""
+tiny family reads OpenR1-Math-, DeepScaleR-, MBPP- and MATH-500-shaped records from pinned sources in a
+JSONL mirror (written here: no network), holds out and decontaminates, rewards \\boxed{} / "####" answers
+by math-verify, trains on the code domain with programs run in the sandbox, and scores every reference
+on a benchmark with avg@k."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import os
 import polars as pl
 import pytest
 
-from opdgeom.tasks import MathTask, split
+from opdgeom.tasks import MathTask, read_jsonl, split
 
 from conftest import REPO, run_snakemake
 
@@ -17,21 +18,28 @@ pytestmark = pytest.mark.workflow
 
 
 def write_mirror(root):
-    """GSM8K records from the synthetic math task ("... #### 7"), MATH-500 records with \\boxed{}
-    solutions, and the MBPP fixture problems, in the mirror layout tasks/sources.py reads."""
-    train, held_out = split(MathTask(), 300, 24, seed=3)
-    gsm8k = {"train": train, "test": held_out}
-    for name, examples in gsm8k.items():
-        rows = [
-            {"question": e.prompt.removeprefix("Q: ").removesuffix("\nA: "), "answer": e.completion} for e in examples
-        ]
-        write(root / "openai__gsm8k" / "main" / f"{name}.jsonl", rows)
-    math500 = [{"problem": e.prompt, "solution": f"{e.completion.split('####')[0]}\\boxed{{{e.answer}}}",
-                "answer": e.answer} for e in held_out[:8]]  # fmt: skip
+    """Synthetic math examples in the real data sets' layouts: OpenR1-Math records (a wrong trace, then
+    the worked "... #### 7" solution with per-trace checks; every 10th has no verified trace, every 10th
+    a trace over the 60-token cap), DeepScaleR records (problem, answer), MATH-500 records with \\boxed{}
+    solutions (one of them copies a DeepScaleR problem: decontamination must drop that prompt), and the
+    MBPP fixture problems, in the mirror layout tasks/sources.py reads."""
+    demos, problems = split(MathTask(), 300, 24, seed=3)
+    statement = [e.prompt.removeprefix("Q: ").removesuffix("\nA: ") for e in demos + problems]
+    openr1 = []
+    for i, e in enumerate(demos):
+        trace = e.completion + (" so" * 20 if i % 10 == 5 else "")
+        checks = {"correctness_math_verify": [False, i % 10 != 3], "is_reasoning_complete": [True, True]}
+        openr1.append({"problem": statement[i], "answer": e.answer, "generations": ["0 #### 0", trace], **checks})
+    write(root / "open-r1__OpenR1-Math-220k" / "default" / "train.jsonl", openr1)
+    deepscaler = [{"problem": statement[300 + i], "answer": e.answer} for i, e in enumerate(problems[:16])]
+    write(root / "agentica-org__DeepScaleR-Preview-Dataset" / "default" / "train.jsonl", deepscaler)
+    math500 = [{"problem": statement[300 + i], "solution": f"{e.completion.split('####')[0]}\\boxed{{{e.answer}}}",
+                "answer": e.answer} for i, e in enumerate(problems[16:])]  # fmt: skip
+    math500.append({"problem": statement[300], "solution": "\\boxed{0}", "answer": problems[0].answer})
     write(root / "HuggingFaceH4__MATH-500" / "default" / "test.jsonl", math500)
     mbpp = [json.loads(line) for line in (REPO / "tests" / "fixtures" / "mbpp" / "test.jsonl").read_text().splitlines()]
-    for name in ("train", "test"):
-        write(root / "google-research-datasets__mbpp" / "sanitized" / f"{name}.jsonl", mbpp)
+    for name, rows in (("train", mbpp[:3]), ("test", mbpp[3:])):  # disjoint, or decontamination empties train
+        write(root / "google-research-datasets__mbpp" / "sanitized" / f"{name}.jsonl", rows)
 
 
 def write(path, rows):
@@ -50,6 +58,12 @@ def test_the_real_domain_smoke_study_runs_end_to_end(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = results / "tiny-qwen3"
+    log = (out / "logs" / "data" / "competition_math.log").read_text()
+    assert "30 skipped: no verified complete trace" in log and "30 dropped as longer than 60 tokens" in log, log
+    assert "16 demonstrations held out" in log and "1 of 16 left out for sharing an 8-gram" in log, log
+    sft, train, held = (read_jsonl(out / "data" / "competition_math" / f"{n}.jsonl") for n in ("sft", "train", "eval"))
+    assert len(sft) == 300 - 30 - 30 - 16 and len(train) == 15 and len(held) == 16
+    assert not {e.prompt for e in held} & {e.prompt for e in sft} and all(e.completion == "" for e in train)
     data = [json.loads(line) for line in (out / "data" / "mbpp" / "eval.jsonl").read_text().splitlines()]
     assert "```python" in data[0]["completion"] and "tests" in json.loads(data[0]["answer"])
     for ref in ("sft", "opd", "rlvr", "opd.programs"):

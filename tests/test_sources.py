@@ -147,7 +147,8 @@ def test_field_mapper_prompt_only_and_gsm8k_adapter(tmp_path, dirs):
     gsm = Source.from_dict({"dataset": "openai/gsm8k", "config": "main", "split": "test", "mapper": "gsm8k"}, "t")
     rows = [{"question": "Tom has 2 + 3 apples?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}]
     write_mirror(rows, mirror_path(gsm, tmp_path / "mirror"), SHA)
-    out, dropped = load_source(gsm, mirror_dir=tmp_path / "mirror", **dirs)
+    loaded = load_source(gsm, mirror_dir=tmp_path / "mirror", **dirs)
+    out, dropped = loaded.examples, loaded.too_long
     assert out == [Example("Q: Tom has 2 + 3 apples?\nA: ", "2 + 3 = 5\n#### 5", "5")] and dropped == 0
 
 
@@ -159,18 +160,22 @@ def test_jsonl_mirror_load_limit_and_length_filter(tmp_path, dirs):
     path = write_mirror(ROWS, mirror_path(source(), mirror), SHA)
     assert path == mirror / "org__math-set" / "default" / "train.jsonl"
     assert revision_path(path).read_text() == SHA + "\n"
-    examples, dropped = load_source(source(revision=SHA), mirror_dir=mirror, **dirs)
+    loaded = load_source(source(revision=SHA), mirror_dir=mirror, **dirs)
+    examples, dropped = loaded.examples, loaded.too_long
     assert [e.answer for e in examples] == ["0", "2", "4", "6", "8"] and dropped == 0
     assert examples[1].completion == ROWS[1]["messages"][1]["content"]
     # characters: record i has len(prompt + completion) = 14 + 10 i + 23 (+1 for 2i >= 10)
     lengths = [len(r["problem"] + r["messages"][1]["content"]) for r in ROWS]
     cut = lengths[2]
-    examples, dropped = load_source(source(max_tokens=cut), mirror_dir=mirror, **dirs)
+    loaded = load_source(source(max_tokens=cut), mirror_dir=mirror, **dirs)
+    examples, dropped = loaded.examples, loaded.too_long
     assert [e.answer for e in examples] == ["0", "2", "4"] and dropped == 2
     tok = build_char_tokenizer()
-    examples, dropped = load_source(source(max_tokens=cut), mirror_dir=mirror, tokenizer=tok, **dirs)
+    loaded = load_source(source(max_tokens=cut), mirror_dir=mirror, tokenizer=tok, **dirs)
+    examples, dropped = loaded.examples, loaded.too_long
     assert len(examples) == 3 and dropped == 2  # one token per character
-    examples, dropped = load_source(source(max_tokens=cut, limit=2), mirror_dir=mirror, **dirs)
+    loaded = load_source(source(max_tokens=cut, limit=2), mirror_dir=mirror, **dirs)
+    examples, dropped = loaded.examples, loaded.too_long
     assert [e.answer for e in examples] == ["0", "2"] and dropped == 0
     # a source whose records lack a mapped field names the path and the record
     bad = Source.from_dict({"dataset": "org/math-set", "split": "train", "fields": {"prompt": "question"}}, "t")
@@ -191,7 +196,8 @@ def test_mirror_pin_mismatch_and_interrupted_fetch(tmp_path, dirs):
 def test_hub_snapshot_cache_offline(tmp_path, dirs):
     write_snapshot(dirs["hub_cache"], "org/math-set", SHA, ROWS)
     for revision in (None, SHA):
-        examples, dropped = load_source(source(revision=revision), **dirs)
+        loaded = load_source(source(revision=revision), **dirs)
+        examples, dropped = loaded.examples, loaded.too_long
         assert [e.prompt for e in examples] == [r["problem"] for r in ROWS] and dropped == 0
     with pytest.raises(RevisionMismatch, match=rf"pinned revision {OTHER} but the hub cache .* holds revision {SHA}"):
         load_source(source(revision=OTHER), **dirs)
@@ -199,12 +205,12 @@ def test_hub_snapshot_cache_offline(tmp_path, dirs):
 
 def test_datasets_arrow_cache_offline_pinned(tmp_path, dirs):
     write_arrow_cache(dirs["cache_dir"], "org/math-set", SHA, ROWS, tmp_path)
-    examples, _ = load_source(source(), **dirs)
+    examples = load_source(source(), **dirs).examples
     assert [e.answer for e in examples] == ["0", "2", "4", "6", "8"]
     # a newer cached revision does not replace the pinned one (load_dataset offline would take the newest)
     write_arrow_cache(dirs["cache_dir"], "org/math-set", OTHER, ROWS[:2], tmp_path)
-    assert len(load_source(source(revision=SHA), **dirs)[0]) == 5
-    assert len(load_source(source(revision=OTHER), **dirs)[0]) == 2
+    assert len(load_source(source(revision=SHA), **dirs).examples) == 5
+    assert len(load_source(source(revision=OTHER), **dirs).examples) == 2
     third = "1" * 40
     with pytest.raises(
         RevisionMismatch,
@@ -217,7 +223,7 @@ def test_pin_found_in_a_later_layout(tmp_path, dirs):
     mirror = tmp_path / "mirror"
     write_mirror(ROWS[:1], mirror_path(source(), mirror), OTHER)
     write_snapshot(dirs["hub_cache"], "org/math-set", SHA, ROWS)
-    assert len(load_source(source(revision=SHA), mirror_dir=mirror, **dirs)[0]) == 5
+    assert len(load_source(source(revision=SHA), mirror_dir=mirror, **dirs).examples) == 5
 
 
 def test_nothing_present_names_the_fetch_command(tmp_path, dirs):
@@ -234,7 +240,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
     import json, sys
     from opdgeom.tasks.sources import Source, load_source
     s = Source.from_dict(json.loads(sys.argv[1]), "argv")
-    examples, dropped = load_source(s)  # caches from HF_HOME, set before datasets is imported
+    examples = load_source(s).examples  # caches from HF_HOME, set before datasets is imported
     print(json.dumps([e.answer for e in examples]))
     """
 )
@@ -283,7 +289,7 @@ def test_fetch_writes_mirror_and_revision_read_back_offline(tmp_path, dirs, fake
         assert revision_path(path).read_text().strip() == SHA
         assert [json.loads(line) for line in path.read_text().splitlines()] == ROWS
         assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, revision_path(path).name])
-    examples, _ = load_source(source(revision=SHA), mirror_dir=mirror, **dirs)
+    examples = load_source(source(revision=SHA), mirror_dir=mirror, **dirs).examples
     assert len(examples) == 5
     # a current mirror is not fetched again
     fetch_sources({"sft": source()}, mirror)
@@ -311,11 +317,14 @@ def test_fetch_refuses_a_pin_resolving_elsewhere(tmp_path, fake_hub):
 
 def test_fetch_data_cli_reads_the_family_sources(tmp_path, dirs, fake_hub):
     families = tmp_path / "families"
-    families.mkdir()
-    (families / "fam.yaml").write_text(
+    (families / "shared").mkdir(parents=True)
+    models = (
+        "models: {student: {source: hub, repo: org/s, revision: x}, teacher: {source: hub, repo: org/t, revision: x}}"
+    )
+    (families / "fam.yaml").write_text(f"name: fam\ntokenizer: model\n{models}\ninclude: [shared/math.yaml]\n")
+    (families / "shared" / "math.yaml").write_text(  # the sources come from the included file
         textwrap.dedent(
             """
-            name: fam
             sources:
               sft:
                 dataset: org/math-set
@@ -337,7 +346,9 @@ def test_fetch_data_cli_reads_the_family_sources(tmp_path, dirs, fake_hub):
     args = parser.parse_args(["fetch-data", "--family", "fam", "--families-dir", str(families), "--only", "nope"])
     with pytest.raises(SourceError, match=r"unknown source\(s\) \['nope'\]; known: sft, prompts"):
         args.func(args)
-    (families / "bad.yaml").write_text("name: bad\nsources:\n  sft: {dataset: org/x, split: train, field: {}}\n")
+    (families / "bad.yaml").write_text(
+        f"name: bad\ntokenizer: model\n{models}\nsources:\n  sft: {{dataset: org/x, split: train, field: {{}}}}\n"
+    )
     args = parser.parse_args(["fetch-data", "--family", "bad", "--families-dir", str(families)])
     with pytest.raises(SourceError, match=r"bad.yaml: sources.sft: unknown key\(s\) \['field'\]"):
         args.func(args)
@@ -356,7 +367,7 @@ def test_hub_snapshot_named_config_from_the_readme(tmp_path, dirs):
     )
     for config, expected in (("main", 5), ("other", 1)):
         s = Source.from_dict({"dataset": "org/two-configs", "config": config, "split": "train", "fields": FIELDS}, "t")
-        assert len(load_source(s, **dirs)[0]) == expected
+        assert len(load_source(s, **dirs).examples) == expected
 
 
 def test_rule_datas_command_reads_a_familys_pinned_sources_offline(tmp_path, monkeypatch, capsys):
@@ -376,11 +387,14 @@ def test_rule_datas_command_reads_a_familys_pinned_sources_offline(tmp_path, mon
     config["family"] = "qwen3-8b"
     study = Study.from_config(config, REPO / "config" / "families", REPO / "workflow" / "schemas")
     sources = study.data_sources("mbpp")
-    record = {"task_id": 1, "prompt": "Write a function to add two numbers.",
-              "code": "def add(a, b):\n    return a + b",
-              "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], "test_imports": []}  # fmt: skip
+
+    def record(k):
+        return {"task_id": k, "prompt": f"Write a function that adds {k} to the sum of two numbers.",
+                "code": f"def add(a, b):\n    return a + b + {k}",
+                "test_list": [f"assert add(1, 2) == {3 + k}"], "test_imports": []}  # fmt: skip
+
     mirror = tmp_path / "mirror"
-    for role, split_records in (("train", [record] * 3), ("eval", [record])):
+    for role, split_records in (("train", [record(k) for k in (1, 2, 3)]), ("eval", [record(0)])):
         source = Source.from_dict(sources[role], role)
         path = mirror_path(source, mirror)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,11 +403,11 @@ def test_rule_datas_command_reads_a_familys_pinned_sources_offline(tmp_path, mon
     out = tmp_path / "data"
     argv = ["data", "--domain", "mbpp", "--n-train", "2", "--n-eval", "1",
             "--train-out", str(out / "train.jsonl"), "--eval-out", str(out / "eval.jsonl"),
-            "--sources", json.dumps(sources), "--family", "qwen3-8b"]  # fmt: skip
+            "--sources", json.dumps(sources), "--family", "qwen3-8b", "--sft-out", str(out / "sft.jsonl")]  # fmt: skip
     monkeypatch.setenv("OPDGEOM_DATA_MIRROR", str(mirror))
     assert cli_main(argv) == 0
     train, held_out = read_jsonl(out / "train.jsonl"), read_jsonl(out / "eval.jsonl")
-    assert len(train) == 2 and len(held_out) == 1
+    assert len(train) == 2 and len(held_out) == 1 and read_jsonl(out / "sft.jsonl") == train  # one source, both roles
     assert get_task("mbpp").verify(held_out[0].completion, held_out[0].answer) == 1.0  # the reference passes
     monkeypatch.setenv("OPDGEOM_DATA_MIRROR", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -175,7 +175,7 @@ def test_get_task_builds_with_params_and_names_unknown_domains():
     task = get_task("math", n_ops=3, max_operand=5)
     assert isinstance(task, MathTask) and (task.n_ops, task.max_operand) == (3, 5)
     assert isinstance(get_task("programs"), ProgramTask)
-    with pytest.raises(ValueError, match=r"'chess'.*\['gsm8k', 'math', 'mbpp', 'programs'\]"):
+    with pytest.raises(ValueError, match=r"'chess'.*\['competition_math', 'gsm8k', 'math', 'mbpp', 'programs'\]"):
         get_task("chess")
 
 

@@ -18,18 +18,37 @@ def _data(args) -> None:
     from opdgeom.tasks import DatasetTask, get_task, split, write_jsonl
 
     task = get_task(args.domain)
-    if isinstance(task, DatasetTask):
-        sources = None
-        if args.sources:
-            from opdgeom.tasks.sources import Source
+    if args.sources:
+        from opdgeom.tasks.roles import DomainSources, real_splits
 
-            sources = {role: Source.from_dict(s, f"--sources.{role}") for role, s in json.loads(args.sources).items()}
-        train, held_out = task.load_splits(args.n_train, args.n_eval, args.seed, sources, args.family)
+        roles = DomainSources.from_roles(_sources_json(args.sources, "--sources"), f"domain {args.domain}")
+        tokenizer = None
+        if args.tokenizer:
+            from opdgeom.models import load_tokenizer
+
+            tokenizer = load_tokenizer(args.tokenizer)
+        benchmarks = _sources_json(args.benchmarks, "--benchmarks") if args.benchmarks else {}
+        splits = real_splits(
+            args.domain, roles, args.n_train, args.n_eval, args.seed, args.family, tokenizer, benchmarks
+        )
+        sft, train, held_out = splits.sft, splits.train, splits.eval
+        print("\n".join(splits.report), file=sys.stderr)
+    elif isinstance(task, DatasetTask):
+        train, held_out = task.load_splits(args.n_train, args.n_eval, args.seed)
+        sft = train
     else:
         train, held_out = split(task, args.n_train, args.n_eval, args.seed)
+        sft = train  # a synthetic example is both a demonstration and a prompt with its answer
+    write_jsonl(args.sft_out, sft)
     write_jsonl(args.train_out, train)
     write_jsonl(args.eval_out, held_out)
-    print(f"{args.domain}: {len(train)} train, {len(held_out)} eval examples", file=sys.stderr)
+    print(f"{args.domain}: {len(sft)} sft, {len(train)} train, {len(held_out)} eval examples", file=sys.stderr)
+
+
+def _sources_json(text: str, flag: str) -> dict:
+    from opdgeom.tasks.sources import Source
+
+    return {name: Source.from_dict(s, f"{flag}.{name}") for name, s in json.loads(text).items()}
 
 
 def _benchmark_data(args) -> None:
@@ -37,11 +56,11 @@ def _benchmark_data(args) -> None:
     from opdgeom.tasks.sources import Source, load_source
 
     source = Source.from_dict(json.loads(args.source), "--source")
-    examples, dropped = load_source(source, family=args.family)
-    if not examples:
-        raise ValueError(f"{source.describe()}: no examples")
-    write_jsonl(args.out, examples)
-    print(f"{source.describe()}: {len(examples)} problems ({dropped} dropped by max_tokens)", file=sys.stderr)
+    loaded = load_source(source, family=args.family)
+    if not loaded.examples:
+        raise ValueError(f"{loaded.summary()}: no problems left")
+    write_jsonl(args.out, loaded.examples)
+    print(loaded.summary(), file=sys.stderr)
 
 
 def _corpus(args) -> None:
@@ -281,9 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, required=True)
     p.add_argument("--n-eval", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-out", type=Path, required=True)
+    p.add_argument("--sft-out", type=Path, required=True, help="demonstrations (what SFT runs train on)")
+    p.add_argument("--train-out", type=Path, required=True, help="prompts with answers (policy-gradient runs)")
     p.add_argument("--eval-out", type=Path, required=True)
-    p.add_argument("--sources", help='a real domain\'s pinned sources as JSON: {"train": {...}, "eval": {...}}')
+    p.add_argument("--sources", help='a real domain\'s pinned sources by role as JSON: {"sft": {...}, ...}')
+    p.add_argument("--benchmarks", help="benchmark sources as JSON {name: source}: training data is decontaminated")
+    p.add_argument("--tokenizer", type=Path, help="the student's tokenizer: measures the sources' max_tokens")
     p.add_argument("--family", help="named in the fetch-data command of a missing source's error")
     p.set_defaults(func=_data)
 

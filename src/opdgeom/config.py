@@ -78,7 +78,8 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def load_family(name: str, families_dir: str | Path, schema_path: str | Path, overrides: dict | None = None) -> dict:
-    """Read config/families/<name>.yaml, apply the config's ``family_overrides``, validate.
+    """Read config/families/<name>.yaml (over the files its ``include`` names), apply the config's
+    ``family_overrides``, validate.
 
     Unknown names list the known ones.
     """
@@ -87,8 +88,26 @@ def load_family(name: str, families_dir: str | Path, schema_path: str | Path, ov
     if not path.exists():
         known = sorted(p.stem for p in families_dir.glob("*.yaml"))
         raise ConfigError(f"config: family: unknown family {name!r}; known families: {', '.join(known)}")
-    family = deep_merge(load_yaml(path), overrides or {})
+    family = deep_merge(_with_includes(load_yaml(path) or {}, families_dir, path), overrides or {})
     validate(family, schema_path, source=f"{path} (+ config family_overrides)" if overrides else str(path))
     if family["name"] != name:
         raise ConfigError(f"{path}: name: {family['name']!r} does not match the file name {name!r}")
     return family
+
+
+def _with_includes(family: dict, families_dir: Path, path: Path) -> dict:
+    """``include: [shared/x.yaml, ...]`` (relative to the families folder): those files deep-merged in
+    order, then the family's own keys over them, so presets share one copy of a data/benchmark setup."""
+    includes = family.pop("include", [])
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: include: expected a list of file names, got {includes!r}")
+    merged: dict = {}
+    for name in includes:
+        shared = families_dir / name
+        if not shared.is_file():
+            raise ConfigError(f"{path}: include: no file {shared}")
+        content = load_yaml(shared) or {}
+        if "include" in content:
+            raise ConfigError(f"{shared}: include: an included file may not include others")
+        merged = deep_merge(merged, content)
+    return deep_merge(merged, family)

@@ -320,11 +320,24 @@ class Study:
         return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
 
     def data_sources(self, domain: str) -> dict | None:
-        """A real domain's pinned sources from the family preset (``sources: {<domain>.train, <domain>.eval}``),
-        as the data command reads them; None: the domain's built-in location (or a synthetic generator)."""
+        """A real domain's pinned sources by role (family preset keys ``<domain>.<role>``, roles as
+        ``tasks.roles.ROLES``), as the data command reads them; None: the domain's built-in location
+        (or a synthetic generator)."""
+        from opdgeom.tasks.roles import ROLES
+
         section = self.family.get("sources", {})
-        roles = {role: section[f"{domain}.{role}"] for role in ("train", "eval") if f"{domain}.{role}" in section}
+        roles = {role: section[f"{domain}.{role}"] for role in ROLES if f"{domain}.{role}" in section}
         return roles or None
+
+    def data_tokenizer(self, domain: str) -> Path | None:
+        """The student's tokenizer, when a source of the domain drops examples by ``max_tokens``."""
+        if not any(s.get("max_tokens") for s in (self.data_sources(domain) or {}).values()):
+            return None
+        return self.model_dir("student") if self.family.get("tokenizer") == "model" else self.tokenizer_dir
+
+    def train_data(self, spec: RunSpec) -> Path:
+        """What a run trains on: demonstrations for SFT, prompts with answers for the others."""
+        return self.data_file(spec.domain, "sft" if spec.method == "sft" else "train")
 
     def _check_sources(self) -> None:
         from opdgeom.tasks.sources import Source

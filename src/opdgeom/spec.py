@@ -70,6 +70,9 @@ class TrainSettings:
     group_size: int  # samples per prompt (GRPO's G)
     rho_clip: float | None = None  # bound rho to [1/c, c]
     rollout_engine: str = "hf"  # hf: transformers generate; vllm: a vLLM engine
+    # The vLLM rollout engine's KV cache per rank (GiB); rollouts beyond it queue in the engine.
+    # None: room for all of a step's rollouts at full length at once.
+    kv_cache_gb: float | None = None
     teacher_engine: str = "hf"  # who scores for OPD: hf (the sharded teacher) or vllm (an engine per rank)
     # Rows of one forward/backward pass are packed up to this many tokens (gradient accumulation
     # over the rest of the batch); None: the whole local batch in one pass.

@@ -44,7 +44,7 @@ def model_inputs(wildcards):
 
 def run_inputs(wildcards):
     spec = STUDY.runs[wildcards.run]
-    inputs = {"init": str(STUDY.ref_marker(spec.init)), "train_data": str(STUDY.data_file(spec.domain, "train"))}
+    inputs = {"init": str(STUDY.ref_marker(spec.init)), "train_data": str(STUDY.train_data(spec))}
     if spec.teacher:
         inputs["teacher"] = str(STUDY.ref_marker(STUDY.teacher_ref(spec.teacher, spec.domain)))
     if spec.projection:
@@ -93,11 +93,27 @@ def run_flags(wildcards):
 
 
 def data_source_flags(wildcards):
-    """A real domain's pinned sources (family preset key sources) for the data command; "" otherwise."""
+    """A real domain's pinned sources by role, the benchmarks its training data is decontaminated
+    against, and the tokenizer its length filter counts in; "" for a synthetic or built-in domain."""
     sources = STUDY.data_sources(wildcards.domain)
     if sources is None:
         return ""
-    return f"--sources {shlex.quote(json.dumps(sources))} --family {STUDY.name}"
+    flags = f"--sources {shlex.quote(json.dumps(sources))} --family {STUDY.name}"
+    benchmarks = {name: STUDY.benchmark_source(name) for name in STUDY.benchmarks}
+    if benchmarks:
+        flags += f" --benchmarks {shlex.quote(json.dumps(benchmarks))}"
+    tokenizer = STUDY.data_tokenizer(wildcards.domain)
+    return flags + (f" --tokenizer {tokenizer}" if tokenizer else "")
+
+
+def data_inputs(wildcards):
+    """The student's tokenizer when the domain's length filter counts its tokens (built, or downloaded)."""
+    tokenizer = STUDY.data_tokenizer(wildcards.domain)
+    if tokenizer is None:
+        return {}
+    if tokenizer == STUDY.tokenizer_dir:
+        return {"tokenizer": str(tokenizer)}
+    return {"tokenizer": str(STUDY.ref_marker("student"))}
 
 
 def watch_flags():

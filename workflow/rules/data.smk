@@ -10,7 +10,10 @@ rule tokenizer:
 
 
 rule data:
+    input:
+        unpack(data_inputs),
     output:
+        sft=f"{RES}/data/{{domain}}/sft.jsonl",
         train=f"{RES}/data/{{domain}}/train.jsonl",
         eval=f"{RES}/data/{{domain}}/eval.jsonl",
     log:
@@ -24,7 +27,8 @@ rule data:
         sources=data_source_flags,
     shell:
         "python -m opdgeom data --domain {wildcards.domain} --n-train {params.n_train} --n-eval {params.n_eval} "
-        "--seed {params.seed} --train-out {output.train} --eval-out {output.eval} {params.sources} 2> {log}"
+        "--seed {params.seed} --sft-out {output.sft} --train-out {output.train} --eval-out {output.eval} "
+        "{params.sources} 2> {log}"
 
 
 rule pretrain_corpus:

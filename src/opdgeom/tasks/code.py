@@ -226,12 +226,10 @@ class CodeTask(DatasetTask):
         solution = "\n".join([*imports, code])
         return float(sandbox.passes_tests(solution, "\n".join(tests), self.limits))
 
-    def load_splits(self, n_train: int, n_eval: int, seed: int, sources=None, family: str | None = None):
+    def load_splits(self, n_train: int, n_eval: int, seed: int):
         """The first ``n_eval`` test problems, and ``n_train`` train problems shuffled by seed (the sanitized
-        train split has only 120). ``sources``: the family preset's pinned sources (``DatasetTask``);
-        else a JSONL mirror from ``$OPDGEOM_DATA_MBPP/{train,test}.jsonl``, else the hub."""
-        if sources is not None:
-            return self.splits_from_sources(sources, n_train, n_eval, seed, family)
+        train split has only 120), from a JSONL mirror in ``$OPDGEOM_DATA_MBPP/{train,test}.jsonl``, else
+        the hub. A family preset's pinned sources go through ``tasks.roles.real_splits`` instead."""
         local = os.environ.get("OPDGEOM_DATA_MBPP")
         if local:
             train = load_mbpp_jsonl(os.path.join(local, f"{TRAIN_SPLIT}.jsonl"))

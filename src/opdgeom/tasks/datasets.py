@@ -1,4 +1,4 @@
-"""Real data sets behind the task interface, for the cluster presets (GSM8K style: "#### answer").
+"""Real math data sets behind the task interface, for the cluster presets.
 
 A real domain has no generator: its examples come from the hub (or a local JSONL mirror set with
 OPDGEOM_DATA_<NAME> for air-gapped clusters). Its verifier is a reasoning model's: the last
@@ -8,37 +8,22 @@ with a per-answer time limit (``tasks.answers``); the synthetic domains keep the
 
 import os
 import random
-import sys
-from collections.abc import Mapping
 
 from opdgeom.tasks.answers import final_answer, verify_math
 from opdgeom.tasks.base import Example, Task, take
 from opdgeom.tasks.files import load_hf_dataset, load_jsonl_dataset
-from opdgeom.tasks.sources import Source, load_source
 
 SOURCES = {
-    # name: (hub data set, config, train split, eval split)
+    # name: (hub data set, config, train split, eval split), or None: the family preset's sources only
     "gsm8k": ("openai/gsm8k", "main", "train", "test"),
+    # Competition math with long chain-of-thought (the hub presets' study domain): demonstrations,
+    # policy-gradient prompts and the held-out split come from the preset (tasks.roles).
+    "competition_math": None,
 }
 
 
 class DatasetTask(Task):
     """A named real data set; ``load_splits`` replaces ``split`` for it."""
-
-    def splits_from_sources(self, sources, n_train: int, n_eval: int, seed: int, family: str | None):
-        missing = sorted({"train", "eval"} - set(sources))
-        if missing:
-            raise ValueError(f"domain {self.name!r}: sources lack {missing} (family preset keys {self.name}.<role>)")
-        loaded = {}
-        for role, source in sources.items():
-            loaded[role], dropped = load_source(source, family=family)
-            if dropped:
-                print(
-                    f"{self.name} {role}: dropped {dropped} examples longer than {source.max_tokens}", file=sys.stderr
-                )
-        train = loaded["train"]
-        random.Random(seed).shuffle(train)
-        return take(self.name, train, n_train, "train"), take(self.name, loaded["eval"], n_eval, "held-out")
 
     def __init__(self, name: str):
         if name not in SOURCES:
@@ -58,21 +43,15 @@ class DatasetTask(Task):
     def sample(self, rng: random.Random) -> Example:
         raise TypeError(f"domain {self.name!r} is a real data set: it has examples, not a generator")
 
-    def load_splits(
-        self,
-        n_train: int,
-        n_eval: int,
-        seed: int,
-        sources: Mapping[str, Source] | None = None,
-        family: str | None = None,
-    ) -> tuple[list[Example], list[Example]]:
-        """The first ``n_eval`` test examples, and ``n_train`` train examples shuffled by seed.
-
-        ``sources`` (``{"train": Source, "eval": Source}``, from the family preset): read offline and pinned
-        (``tasks.sources.load_source``: a JSONL mirror, the hub or datasets cache; a missing one names
-        ``opdgeom fetch-data --family F``). Without them, the domain's built-in hub location."""
-        if sources is not None:
-            return self.splits_from_sources(sources, n_train, n_eval, seed, family)
+    def load_splits(self, n_train: int, n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
+        """The first ``n_eval`` test examples, and ``n_train`` train examples shuffled by seed, from the
+        domain's built-in location (a JSONL mirror in ``$OPDGEOM_DATA_<NAME>``, else the hub). A family
+        preset's pinned sources go through ``tasks.roles.real_splits`` instead."""
+        if SOURCES[self.name] is None:
+            raise ValueError(
+                f"domain {self.name!r} has no built-in data location: name its sources in the family preset "
+                f"({self.name}.sft, {self.name}.prompts, optionally {self.name}.eval)"
+            )
         dataset, config, train_split, eval_split = SOURCES[self.name]
         local = os.environ.get(f"OPDGEOM_DATA_{self.name.upper()}")
         if local:

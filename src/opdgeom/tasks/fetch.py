@@ -111,6 +111,7 @@ def add_fetch_parser(sub) -> None:
     p = sub.add_parser("fetch-data", help="fetch a family's data sources (pinned) into the HF cache / a JSONL mirror")
     p.add_argument("--family", required=True)
     p.add_argument("--families-dir", type=Path, default=Path("config/families"))
+    p.add_argument("--schema", type=Path, default=Path("workflow/schemas/family.schema.yaml"))
     p.add_argument("--mirror", type=Path, default=None, help=f"JSONL mirror folder (default ${DEFAULT_MIRROR_ENV})")
     p.add_argument("--cache-dir", type=Path, default=None, help="the datasets cache (default $HF_DATASETS_CACHE)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="fetch only these sources")
@@ -120,13 +121,10 @@ def add_fetch_parser(sub) -> None:
 def fetch_main(args) -> list[Path]:
     import os
 
-    from opdgeom.config import ConfigError, load_yaml
+    from opdgeom.config import load_family
 
     path = Path(args.families_dir) / f"{args.family}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in Path(args.families_dir).glob("*.yaml"))
-        raise ConfigError(f"unknown family {args.family!r}; known families: {', '.join(known)}")
-    sources = family_sources(load_yaml(path) or {}, str(path))
+    sources = family_sources(load_family(args.family, args.families_dir, args.schema), str(path))
     if args.only:
         unknown = sorted(set(args.only) - set(sources))
         if unknown:

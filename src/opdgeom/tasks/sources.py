@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +34,12 @@ from typing import Any
 
 from opdgeom.config import ConfigError
 from opdgeom.tasks.base import Example
-from opdgeom.tasks.files import _json_lines, gsm8k_example
+from opdgeom.tasks.files import _json_lines
+from opdgeom.tasks.records import MAPPERS, Mapper, SkipRecord, field_mapper, problem_path, read_field
+from opdgeom.tasks.records import text as record_text
 
-EXAMPLE_FIELDS = ("prompt", "completion", "answer")
 MIRROR_ENV = "OPDGEOM_DATA_MIRROR"  # the JSONL mirror folder when load_source / fetch-data get none
-Mapper = Callable[[Mapping[str, Any]], Example]
+__all__ = ["LoadedSource", "Source", "field_mapper", "load_source", "read_field"]
 
 
 class SourceError(ConfigError):
@@ -62,7 +62,10 @@ class Source:
     reads) to dotted record paths. ``limit``: at most this many examples (after length filtering).
     ``max_tokens``: drop examples whose prompt + completion is longer than this many tokens of the
     tokenizer given to :func:`load_source` (characters without one). ``mapper``: which record ->
-    Example function (:data:`MAPPERS`) the source needs when the caller does not pass its own.
+    Example function (``records.MAPPERS``) the source needs when the caller does not pass its own.
+    ``prompt_template``: the prompt as the model sees it, ``{prompt}`` standing for the record's
+    problem statement (``records.problem_path``; e.g. an instruction to box the final answer follows
+    it); lengths are measured on the templated prompt.
     """
 
     dataset: str
@@ -73,6 +76,7 @@ class Source:
     limit: int | None = None
     max_tokens: int | None = None
     mapper: str = "fields"
+    prompt_template: str | None = None
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Source:
@@ -109,93 +113,46 @@ class Source:
             raise SourceError(f"{where}.mapper: unknown mapper {mapper!r}; known: {', '.join(MAPPERS)}")
         if mapper == "fields" and "prompt" not in fields:
             raise SourceError(f"{where}.fields: missing key 'prompt' (the record path of the prompt)")
+        template = data.get("prompt_template")
+        if template is not None:
+            try:
+                ok = isinstance(template, str) and "{prompt}" in template and template.format(prompt="") is not None
+            except (KeyError, IndexError, ValueError):
+                ok = False
+            if not ok:
+                raise SourceError(
+                    f"{where}.prompt_template: expected a string with one '{{prompt}}' and no other "
+                    f"{{...}} fields (write {{{{ }}}} for a literal brace), got {template!r}"
+                )
         return cls(**{**data, "fields": dict(fields)})
 
     def describe(self) -> str:
         config = f" (config {self.config})" if self.config else ""
         return f"{self.dataset}{config} split {self.split}@{self.revision or 'latest'}"
 
-
-# ---------------------------------------------------------------------------------------------------
-# Record fields and mappers
-
-
-def read_field(record: Any, path: str) -> Any:
-    """The value at a dotted path: ``"messages.1.content"`` is ``record["messages"][1]["content"]``.
-
-    An integer part indexes a list (negative from the end). A missing key or index raises KeyError
-    naming the path, the part that failed, and the keys (or length) found there.
-    """
-    value = record
-    for depth, part in enumerate(path.split(".")):
-        at = ".".join(path.split(".")[:depth]) or "the record"
-        if isinstance(value, Mapping):
-            if part not in value:
-                keys = ", ".join(map(str, value.keys()))
-                raise KeyError(f"field {path!r}: no key {part!r} in {at} (its keys: {keys})")
-            value = value[part]
-        elif isinstance(value, (list, tuple)):
-            try:
-                value = value[int(part)]
-            except ValueError:
-                raise KeyError(f"field {path!r}: {at} is a list; {part!r} is not an index") from None
-            except IndexError:
-                raise KeyError(f"field {path!r}: index {part} out of range ({at} has {len(value)} items)") from None
-        else:
-            raise KeyError(f"field {path!r}: {at} is a {type(value).__name__}, not a mapping or list")
-    return value
+    def format_prompt(self, prompt: str) -> str:
+        return self.prompt_template.format(prompt=prompt) if self.prompt_template else prompt
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+@dataclass
+class LoadedSource:
+    """What :func:`load_source` read: the examples (templated prompts), each one's problem statement
+    as the record gives it (``problems``, aligned, at ``records.problem_path``: what decontamination
+    compares), and how many records were left out and why (``too_long``: over ``max_tokens``;
+    ``skipped``: reason -> count, from the mapper)."""
 
+    source: Source
+    examples: list[Example]
+    problems: list[str]
+    too_long: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
 
-def field_mapper(source: Source) -> Mapper:
-    """record -> Example through ``source.fields``; a prompt-only source's completion (or answer) is ''."""
-    paths = dict(source.fields)
-    if "prompt" not in paths:
-        raise SourceError(f"{source.describe()}: fields has no 'prompt' path")
-
-    def mapper(record: Mapping[str, Any]) -> Example:
-        values = {name: _text(read_field(record, paths[name])) if name in paths else "" for name in EXAMPLE_FIELDS}
-        return Example(**values)
-
-    return mapper
-
-
-def gsm8k_mapper(source: Source) -> Mapper:
-    """GSM8K-style records ("worked text #### 72") through ``files.gsm8k_example``.
-
-    ``fields`` may rename the two record fields: ``{"question": "question", "solution": "answer"}``
-    (these are the defaults).
-    """
-    question = source.fields.get("question", "question")
-    solution = source.fields.get("solution", "answer")
-
-    def mapper(record: Mapping[str, Any]) -> Example:
-        return gsm8k_example(read_field(record, question), read_field(record, solution))
-
-    return mapper
-
-
-def mbpp_mapper(source: Source) -> Mapper:
-    """MBPP records (task text, reference code, assert tests, test imports) through
-    ``code.mbpp_example``; ``fields`` may rename them (defaults: MBPP's own names)."""
-    from opdgeom.tasks.code import mbpp_example
-
-    names = {"text": "prompt", "code": "code", "tests": "test_list", "imports": "test_imports"} | dict(source.fields)
-
-    def mapper(record: Mapping[str, Any]) -> Example:
-        imports = read_field(record, names["imports"]) if names["imports"] in record else []
-        return mbpp_example(read_field(record, names["text"]), read_field(record, names["code"]),
-                            read_field(record, names["tests"]), imports)  # fmt: skip
-
-    return mapper
-
-
-MAPPERS: dict[str, Callable[[Source], Mapper]] = {"fields": field_mapper, "gsm8k": gsm8k_mapper, "mbpp": mbpp_mapper}
+    def summary(self) -> str:
+        parts = [f"{len(self.examples)} examples"]
+        if self.too_long:
+            parts.append(f"{self.too_long} dropped as longer than {self.source.max_tokens} tokens")
+        parts += [f"{n} skipped: {reason}" for reason, n in sorted(self.skipped.items())]
+        return f"{self.source.describe()}: " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,8 +316,8 @@ def load_source(
     tokenizer=None,
     hub_cache: str | Path | None = None,
     family: str | None = None,
-) -> tuple[list[Example], int]:
-    """The source's examples and how many ``max_tokens`` dropped; never touches the network.
+) -> LoadedSource:
+    """The source's examples, and what was left out (:class:`LoadedSource`); never touches the network.
 
     ``mapper``: record -> Example (default: the source's ``mapper`` by name, ``field_mapper``).
     ``cache_dir``: the ``datasets`` cache (default ``$HF_DATASETS_CACHE``); ``hub_cache``: the hub
@@ -395,22 +352,29 @@ def load_source(
     )
 
 
-def _examples(records: Iterable[Mapping], mapper: Mapper, source: Source, tokenizer) -> tuple[list[Example], int]:
-    examples: list[Example] = []
-    dropped = 0
+def _examples(records: Iterable[Mapping], mapper: Mapper, source: Source, tokenizer) -> LoadedSource:
+    loaded = LoadedSource(source, [], [])
+    problem_at = problem_path(source)
     for index, record in enumerate(records):
-        if source.limit is not None and len(examples) >= source.limit:
+        if source.limit is not None and len(loaded.examples) >= source.limit:
             break
         try:
             example = mapper(record)
+        except SkipRecord as skip:
+            loaded.skipped[str(skip)] = loaded.skipped.get(str(skip), 0) + 1
+            continue
         except (KeyError, ValueError) as error:
             message = error.args[0] if isinstance(error, KeyError) and error.args else error
             raise type(error)(f"{source.describe()}: record {index}: {message}") from None
+        problem = record_text(read_field(record, problem_at))
+        if source.prompt_template:  # the template wraps the statement, not a mapper's own prompt form
+            example = dataclasses.replace(example, prompt=source.format_prompt(problem))
         if source.max_tokens is not None and length(example, tokenizer) > source.max_tokens:
-            dropped += 1
+            loaded.too_long += 1
             continue
-        examples.append(example)
-    return examples, dropped
+        loaded.examples.append(example)
+        loaded.problems.append(problem)
+    return loaded
 
 
 def length(example: Example, tokenizer=None) -> int:

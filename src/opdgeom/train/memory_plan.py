@@ -409,18 +409,25 @@ def plan_shapes(
             Component(
                 "rollout weights", BF16 * s.params, "2 B x student params (vLLM colocated, TP 1, sleeps after)", rollout
             ),
-            Component(
-                "rollout kv cache",
-                sequences * seq_tokens * kv_per_token,
-                f"{sequences} seqs x {seq_tokens} tokens x 2 x L x kv_dim x 2 B",
-                rollout,
-            ),
+            _rollout_kv(sequences, seq_tokens, kv_per_token, settings.get("kv_cache_gb")),
         ]
     return MemoryPlan(
         family=family_name, gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GB), headroom=headroom,
         student=student_name, teacher=teacher_name, student_params=s.params, teacher_params=t.params,
         micro_batch_tokens=N, chunk_tokens=chunk_tokens, components=tuple(components),
     )  # fmt: skip
+
+
+def _rollout_kv(sequences: int, seq_tokens: int, kv_per_token: int, budget_gb: float | None) -> Component:
+    """The rollout engine's KV cache: every rollout of the step at once, or the explicit budget
+    (``train.kv_cache_gb``) when that is smaller (the rest queue in the engine)."""
+    whole = sequences * seq_tokens * kv_per_token
+    formula = f"{sequences} seqs x {seq_tokens} tokens x 2 x L x kv_dim x 2 B"
+    if budget_gb is not None and budget_gb * 2**30 < whole:
+        concurrent = int(budget_gb * 2**30 // (seq_tokens * kv_per_token))
+        formula = f"train.kv_cache_gb {budget_gb:g} GiB (~{concurrent} of {sequences} seqs at once; {formula} = all)"
+        whole = int(budget_gb * 2**30)
+    return Component("rollout kv cache", whole, formula, ("rollout",))
 
 
 def load_family_preset(name: str, repo: str | Path | None = None) -> dict:
