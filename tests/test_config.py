@@ -213,3 +213,27 @@ def test_a_hub_family_that_cannot_fit_its_gpus_is_refused_at_planning():
         ConfigError, match=r"family qwen3-8b: train_resources: .*does not fit 2 x 80 GB: peak \d+\.\d GB"
     ):
         study(config)
+
+
+def test_a_family_includes_shared_files_under_its_own_keys(tmp_path):
+    """include: the shared files merge in order, the family's own keys win (nested keys deep-merge);
+    a missing or nested include is named."""
+    from opdgeom.config import load_family
+
+    schema = REPO / "workflow" / "schemas" / "family.schema.yaml"
+    (tmp_path / "shared").mkdir()
+    models = "models: {student: {source: hub, repo: o/s, revision: x}, teacher: {source: hub, repo: o/t, revision: x}}"
+    (tmp_path / "shared" / "a.yaml").write_text("data: {domain: gsm8k, n_train: 10, n_eval: 2}\ndomains: {x: y}\n")
+    (tmp_path / "shared" / "b.yaml").write_text("data: {n_eval: 3}\n")
+    (tmp_path / "fam.yaml").write_text(
+        f"name: fam\ntokenizer: model\n{models}\ninclude: [shared/a.yaml, shared/b.yaml]\ndata: {{n_train: 5}}\n"
+    )
+    family = load_family("fam", tmp_path, schema)
+    assert family["data"] == {"domain": "gsm8k", "n_train": 5, "n_eval": 3} and family["domains"] == {"x": "y"}
+    assert "include" not in family
+    (tmp_path / "fam.yaml").write_text(f"name: fam\ntokenizer: model\n{models}\ninclude: [shared/c.yaml]\n")
+    with pytest.raises(ConfigError, match=r"fam.yaml: include: no file .*shared/c.yaml"):
+        load_family("fam", tmp_path, schema)
+    (tmp_path / "shared" / "c.yaml").write_text("include: [shared/a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: include: an included file may not include others"):
+        load_family("fam", tmp_path, schema)
