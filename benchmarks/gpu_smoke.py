@@ -9,7 +9,7 @@ the package's own jobs, launched as the workflow launches them:
    small enough that every scoring pass and the loss run several micro-batches, the teacher sharded
    over the ranks, rollouts on colocated vLLM engines (asleep during the update, synced after it);
 2. ``opdgeom evaluate`` on the run's checkpoints with the teacher, in its three phases: avg@k answers
-   (T 0.6, top-p 0.95) and samples on a vLLM engine at a reasoning model's length (4096 new tokens on
+   (T 0.6, top-p 0.95) and samples on a vLLM engine at the hub presets' length (8192 new tokens on
    GPUs), the teacher alone, then the student with the reverse KL.
 
 It prints each job's wall time, peak GPU memory (nvidia-smi, polled), the training log's step lines
@@ -69,7 +69,7 @@ def build_folder(shape: ModelShape, layers: int, tokenizer, out: Path, seed: int
     config = meta_model(dataclasses.replace(shape, num_hidden_layers=layers)).config
     config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
-    config.max_position_embeddings = 4096
+    config.max_position_embeddings = 16384  # room for a prompt and an 8192-token generation
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--engine", choices=["vllm", "hf"], help="rollout and evaluation engine (default: vllm on GPUs, hf on CPU)"
     )
-    parser.add_argument("--score-tokens", type=int, default=4096, help="evaluate's padded tokens per teacher pass")
+    parser.add_argument("--score-tokens", type=int, default=8192, help="evaluate's padded tokens per teacher pass")
     parser.add_argument(
         "--eval-max-new-tokens", type=int,
-        help="the evaluate job's generation length (default 4096 on GPUs; --max-new-tokens on CPU)",
+        help="the evaluate job's generation length (default 8192 on GPUs; --max-new-tokens on CPU)",
     )  # fmt: skip
     parser.add_argument("--eval-k", type=int, default=4, help="the evaluate job's avg@k samples per problem")
     args = parser.parse_args(argv)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{launch_command(1, ranks)} -m opdgeom train --spec '{json.dumps(spec)}' --init {student} "
         f"--teacher {teacher} --train-data {out / 'train.jsonl'} --out {out / 'run'}"
     )
-    eval_new = args.eval_max_new_tokens or (4096 if on_gpu and not args.cpu_smoke else args.max_new_tokens)
+    eval_new = args.eval_max_new_tokens or (8192 if on_gpu and not args.cpu_smoke else args.max_new_tokens)
     eval_cmd = (
         f"python -m opdgeom evaluate --manifest {out / 'run' / 'manifest.json'} --ref smoke "
         f"--eval-data {out / 'eval.jsonl'} --domain math --max-new-tokens {eval_new} --batch-size 32 "

@@ -33,7 +33,7 @@ def write_mirror(root):
     write(root / "open-r1__OpenR1-Math-220k" / "default" / "train.jsonl", openr1)
     deepscaler = [{"problem": statement[300 + i], "answer": e.answer} for i, e in enumerate(problems[:16])]
     write(root / "agentica-org__DeepScaleR-Preview-Dataset" / "default" / "train.jsonl", deepscaler)
-    math500 = [{"problem": statement[300 + i], "solution": f"{e.completion.split('####')[0]}\\boxed{{{e.answer}}}",
+    math500 = [{"problem": statement[316 + i], "solution": f"{e.completion.split('####')[0]}\\boxed{{{e.answer}}}",
                 "answer": e.answer} for i, e in enumerate(problems[16:])]  # fmt: skip
     math500.append({"problem": statement[300], "solution": "\\boxed{0}", "answer": problems[0].answer})
     write(root / "HuggingFaceH4__MATH-500" / "default" / "test.jsonl", math500)
@@ -71,7 +71,7 @@ def test_the_real_domain_smoke_study_runs_end_to_end(tmp_path):
         assert table["accuracy"].is_between(0, 1).all() and table["reverse_kl"].is_finite().all(), ref
     assert set(pl.read_parquet(out / "eval" / "opd.programs.parquet")["domain"]) == {"mbpp"}
     bench = pl.read_parquet(out / "eval" / "bench" / "math500" / "opd.parquet")
-    assert (bench["k"] == 2).all() and bench["n"].to_list() == [8] * len(bench)
+    assert (bench["k"] == 2).all() and bench["n"].to_list() == [9] * len(bench)
     assert all(all(c in (0.0, 0.5, 1.0) for c in row) for row in bench["correct"].to_list())  # shares of 2
     for figure in ("fig6.png", "fig6.math500.png", "accuracy.png"):
         assert (out / "figures" / figure).stat().st_size > 0, figure
