@@ -2,6 +2,7 @@
 verified long-CoT demonstrations, separate policy-gradient prompts, a held-out split disjoint from
 training, prompt templates, and 8-gram decontamination against benchmarks, every count in the report."""
 
+import dataclasses
 import json
 
 import pytest
@@ -85,7 +86,7 @@ def test_prompt_template_is_validated_applied_and_counted_in_lengths(tmp_path):
     assert loaded.problems[0] == trace_record(1)["problem"]  # the statement alone, for decontamination
     assert loaded.skipped == {"no verified complete trace": 1} and "1 skipped: no verified" in loaded.summary()
     shortest = min(len(e.prompt + e.completion) for e in loaded.examples)
-    cut = Source.from_dict({**SFT.__dict__, "max_tokens": shortest, "fields": {}}, "cut")
+    cut = dataclasses.replace(SFT, max_tokens=shortest)
     loaded = load_source(cut, mirror_dir=tmp_path)  # characters of the templated prompt + the trace
     assert len(loaded.examples) == 1 and loaded.too_long == 3
     assert f"3 dropped as longer than {shortest} tokens" in loaded.summary()

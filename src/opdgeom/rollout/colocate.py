@@ -214,11 +214,17 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
-def engine_memory(config, dtype_bytes: int, sequences: int, seq_tokens: int, max_model_len: int) -> tuple[int, int]:
+def engine_memory(
+    config, dtype_bytes: int, sequences: int, seq_tokens: int, max_model_len: int, kv_budget: int | None = None
+) -> tuple[int, int]:
     """(weights, KV cache) bytes of one TP-1 engine for ``sequences`` concurrent rollouts of up to
-    ``seq_tokens`` tokens (at least one whole ``max_model_len`` sequence: vLLM refuses less)."""
-    kv = max(sequences * seq_tokens, max_model_len) * kv_bytes_per_token(config, dtype_bytes)
-    return param_count(config) * dtype_bytes, kv
+    ``seq_tokens`` tokens, or ``kv_budget`` bytes when that is less (the engine queues the rest); at
+    least one whole ``max_model_len`` sequence either way (vLLM refuses less)."""
+    per_token = kv_bytes_per_token(config, dtype_bytes)
+    kv = sequences * seq_tokens * per_token
+    if kv_budget is not None:
+        kv = min(kv, kv_budget)
+    return param_count(config) * dtype_bytes, max(kv, max_model_len * per_token)
 
 
 def param_count(config) -> int:

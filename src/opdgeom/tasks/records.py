@@ -21,6 +21,28 @@ EXAMPLE_FIELDS = ("prompt", "completion", "answer")
 Mapper = Callable[[Mapping[str, Any]], Example]
 
 
+# Each mapper's record field names (``Source.fields`` renames them) and which of them is the problem
+# statement. The "fields" mapper has no defaults: its source names every path.
+DEFAULT_FIELDS: dict[str, dict[str, str]] = {
+    "fields": {},
+    "gsm8k": {"question": "question", "solution": "answer"},
+    "mbpp": {"text": "prompt", "code": "code", "tests": "test_list", "imports": "test_imports"},
+    "verified_trace": {
+        "prompt": "problem",
+        "answer": "answer",
+        "generations": "generations",
+        "correct": "correctness_math_verify",
+        "complete": "is_reasoning_complete",
+    },
+}
+PROBLEM_FIELD = {"fields": "prompt", "gsm8k": "question", "mbpp": "text", "verified_trace": "prompt"}
+
+
+def field_names(source: Source) -> dict[str, str]:
+    """The record paths a source's mapper reads: its defaults, renamed by ``source.fields``."""
+    return DEFAULT_FIELDS[source.mapper] | dict(source.fields)
+
+
 class SkipRecord(Exception):
     """A record the mapper leaves out on purpose (e.g. no verified trace); its reason is counted."""
 
@@ -73,14 +95,13 @@ def field_mapper(source: Source) -> Mapper:
 def gsm8k_mapper(source: Source) -> Mapper:
     """GSM8K-style records ("worked text #### 72") through ``files.gsm8k_example``.
 
-    ``fields`` may rename the two record fields: ``{"question": "question", "solution": "answer"}``
-    (these are the defaults).
+    ``fields`` may rename the two record fields ``question`` and ``solution`` (defaults:
+    ``DEFAULT_FIELDS['gsm8k']``).
     """
-    question = source.fields.get("question", "question")
-    solution = source.fields.get("solution", "answer")
+    names = field_names(source)
 
     def mapper(record: Mapping[str, Any]) -> Example:
-        return gsm8k_example(read_field(record, question), read_field(record, solution))
+        return gsm8k_example(read_field(record, names["question"]), read_field(record, names["solution"]))
 
     return mapper
 
@@ -90,7 +111,7 @@ def mbpp_mapper(source: Source) -> Mapper:
     ``code.mbpp_example``; ``fields`` may rename them (defaults: MBPP's own names)."""
     from opdgeom.tasks.code import mbpp_example
 
-    names = {"text": "prompt", "code": "code", "tests": "test_list", "imports": "test_imports"} | dict(source.fields)
+    names = field_names(source)
 
     def mapper(record: Mapping[str, Any]) -> Example:
         imports = read_field(record, names["imports"]) if names["imports"] in record else []
@@ -100,15 +121,6 @@ def mbpp_mapper(source: Source) -> Mapper:
     return mapper
 
 
-VERIFIED_TRACE_FIELDS = {
-    "prompt": "problem",
-    "answer": "answer",
-    "generations": "generations",
-    "correct": "correctness_math_verify",
-    "complete": "is_reasoning_complete",
-}
-
-
 def verified_trace_mapper(source: Source) -> Mapper:
     """Records with several sampled reasoning traces and per-trace checks (OpenR1-Math-220k's layout):
     the completion is the first trace that is both verified correct and complete (it reached its final
@@ -116,9 +128,9 @@ def verified_trace_mapper(source: Source) -> Mapper:
 
     ``fields`` may rename: ``prompt``, ``answer``, ``generations`` (the list of traces), ``correct``
     (one bool per trace), ``complete`` (one bool per trace; optional: leave it out of the record and
-    every trace counts as complete). Defaults: :data:`VERIFIED_TRACE_FIELDS`.
+    every trace counts as complete). Defaults: ``DEFAULT_FIELDS['verified_trace']``.
     """
-    names = VERIFIED_TRACE_FIELDS | dict(source.fields)
+    names = field_names(source)
 
     def mapper(record: Mapping[str, Any]) -> Example:
         traces = read_field(record, names["generations"])
@@ -143,9 +155,7 @@ def verified_trace_mapper(source: Source) -> Mapper:
 def problem_path(source: Source) -> str:
     """The record path of the problem statement alone, without a mapper's instructions or tests
     (what decontamination compares)."""
-    defaults = {"fields": "prompt", "gsm8k": "question", "mbpp": "prompt", "verified_trace": "problem"}
-    key = {"fields": "prompt", "gsm8k": "question", "mbpp": "text", "verified_trace": "prompt"}[source.mapper]
-    return source.fields.get(key, defaults[source.mapper])
+    return field_names(source)[PROBLEM_FIELD[source.mapper]]
 
 
 MAPPERS: dict[str, Callable[[Source], Mapper]] = {

@@ -114,11 +114,10 @@ def engine_settings(settings: TrainSettings, model_dir: Path, world: World, trai
     on_gpu = world.device.type == "cuda"
     dtype_bytes = 2 if on_gpu else 4
     sequences = max(1, settings.batch_size * settings.group_size // world.size)
+    budget = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
     weights, kv = engine_memory(
-        config, dtype_bytes, sequences, DEFAULT_PROMPT_TOKENS + settings.max_new_tokens, max_model_len
+        config, dtype_bytes, sequences, DEFAULT_PROMPT_TOKENS + settings.max_new_tokens, max_model_len, budget
     )
-    if settings.kv_cache_gb is not None:  # an explicit budget: the rest of the step's rollouts queue
-        kv = min(kv, max(int(settings.kv_cache_gb * 2**30), engine_memory(config, dtype_bytes, 1, 0, max_model_len)[1]))
     verdict = check_fits(param_count(trainer_config), world.size, world.device, weights, kv)
     kwargs = {"dtype": "bfloat16" if on_gpu else "float32", "max_model_len": max_model_len, "kv_cache_bytes": kv}
     if on_gpu:
