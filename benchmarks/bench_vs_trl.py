@@ -20,9 +20,11 @@ warmup/linear-decay defaults are not in play. BOS: our prompts are BOS + charact
 (``tokens.encode_prompt``); the char tokenizer adds no special tokens, so the TRL child gives it a
 post-processor that prepends BOS: TRL's prompt ids are then the same BOS + characters.
 
-How each phase is measured. Both children run in this script (``--child``) so that timers can be wrapped
+How each phase is measured. Both children run in benchmarks/vs_trl_children.py so that timers can be wrapped
 around the phases; the code that runs is the user's (``opdgeom.cli.main(["train", ...])``, or a TRL
-trainer's ``train()``), the wrappers add a perf_counter pair per call.
+trainer's ``train()``), the wrappers add a perf_counter pair per call. Ours runs through
+``opdgeom.__main__.run`` (the collector settings and exit of ``python -m opdgeom``); TRL's child exits as a
+script does.
 
 - start-up: the parent's launch time (before Popen) to the first step's start (ours: the first
   ``PolicyGradientMethod.batch`` call; TRL: ``on_step_begin`` of a TrainerCallback).
@@ -69,6 +71,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CHILDREN = Path(__file__).resolve().with_name("vs_trl_children.py")
 
 TINY_STUDENT = {
     "source": "build", "architecture": "qwen3", "hidden_size": 64, "intermediate_size": 128,
@@ -112,7 +115,8 @@ DIFFERENCES = [
     "(we do not checkpoint activations).",
     "Padding: both left-pad prompts for generation. TRL trains on [left-padded prompt | right-padded completion] "
     "rows and keeps only the completion positions' logits (logits_to_keep); ours packs prompt+completion "
-    "contiguously, right-padded, and scores the whole row (a log-softmax over every position).",
+    "contiguously, right-padded, and takes the log-softmax at completion positions only (token_logprobs' "
+    "positions_BT): both sides score what is trained, nothing of the prompt.",
     "Lengths: max_completion_length=40 = our max_new_tokens=40; TRL max_prompt_length does not exist in 1.16 "
     "(prompts are not truncated, like ours); mask_truncated_completions=False (default): truncated rows train "
     "on both sides.",
@@ -124,219 +128,9 @@ DIFFERENCES = [
     "DCP) at the last step; TRL's save_model writes the fp32 model + tokenizer only (save_strategy='no').",
     "Data: both draw from the same 320 MathTask examples, but each side's own shuffle picks the prompts.",
     "Logging: TRL logs every step (logging_steps=1, report_to none, tqdm off); ours logs every step at 20 steps.",
+    "Process: ours runs through opdgeom.__main__.run, as `python -m opdgeom` does (the collector's third threshold "
+    "at 100, everything frozen before exit); TRL's child starts and exits as a plain script, Python's defaults.",
 ]
-
-PHASES = ["startup", "sampling", "teacher", "forward", "backward", "optimizer", "other", "export"]
-
-
-# -- the children ---------------------------------------------------------------------------------
-
-
-class Clock:
-    """Wall-time sums per phase plus named marks (time.time(), comparable with the parent's)."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.marks: dict[str, float] = {}
-        self.tokens = 0
-
-    def add(self, key: str, seconds: float) -> None:
-        self.sums[key] = self.sums.get(key, 0.0) + seconds
-        self.calls[key] = self.calls.get(key, 0) + 1
-
-    def mark(self, key: str, first: bool = False) -> None:
-        if not (first and key in self.marks):
-            self.marks[key] = time.time()
-
-    def wrap(self, owner, name: str, key: str, before=None, after=None):
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            if before is not None:
-                before(args)
-            t0 = time.perf_counter()
-            out = original(*args, **kwargs)
-            self.add(key, time.perf_counter() - t0)
-            if after is not None:
-                after(out)
-            return out
-
-        setattr(owner, name, timed)
-
-
-def _child_ours(cfg: dict, out: Path) -> dict:
-    import torch
-
-    torch.set_num_threads(cfg["threads"])
-    from opdgeom import cli
-    from opdgeom.rollout import hf
-    from opdgeom.train import loop, methods
-    from opdgeom.train import teacher as teacher_mod
-
-    clock = Clock()
-    clock.wrap(hf.HFEngine, "sample", "sampling", after=lambda r: _count(clock, r.completion_ids))
-    clock.wrap(teacher_mod.TeacherScorer, "__call__", "teacher")
-    clock.wrap(methods.PolicyGradientMethod, "batch", "batch", before=lambda a: clock.mark("first_step", True))
-    clock.wrap(methods.PolicyGradientMethod, "loss", "forward")
-    clock.wrap(torch.Tensor, "backward", "backward")
-    clock.wrap(torch.optim.AdamW, "step", "optimizer_step", after=lambda _: clock.mark("last_update"))
-    clock.wrap(torch.nn.utils, "clip_grad_norm_", "clip")
-    clock.wrap(loop, "export_hf", "export_hf")
-    clock.wrap(loop, "save_trainer_state", "save_state")
-    train = cfg["train"]
-    spec = {"name": f"bench-{cfg['method']}", "method": cfg["method"], "init": "student", "domain": "math"}
-    spec["train"] = {
-        "steps": train["steps"], "batch_size": train["prompts"], "lr": train["lr"], "weight_decay": 0.0,
-        "warmup_steps": 0, "grad_clip": 1.0, "checkpoint_every": train["steps"],
-        "max_new_tokens": train["new_tokens"], "temperature": 1.0, "group_size": train["samples"],
-    }  # fmt: skip
-    argv = ["train", "--spec", json.dumps(spec), "--init", cfg["student"], "--train-data", cfg["data"]]
-    argv += ["--out", str(out / "run"), "--seed", "0"]
-    if cfg["method"] == "opd":
-        argv += ["--teacher", cfg["teacher"]]
-    if cli.main(argv) != 0:
-        raise SystemExit("opdgeom train failed")
-    clock.mark("trained")
-    s = clock.sums
-    return {
-        "marks": clock.marks,
-        "tokens": clock.tokens,
-        "phases": {
-            "sampling": s.get("sampling", 0.0),
-            "teacher": s.get("teacher", 0.0),
-            "forward": s.get("forward", 0.0),
-            "backward": s.get("backward", 0.0),
-            "optimizer": s.get("optimizer_step", 0.0) + s.get("clip", 0.0),
-            "export": s.get("export_hf", 0.0) + s.get("save_state", 0.0),
-        },
-    }
-
-
-def _count(clock: Clock, completion_ids) -> None:
-    clock.tokens += sum(len(c) for c in completion_ids)
-
-
-def _child_trl(cfg: dict, out: Path) -> dict:
-    import torch
-
-    torch.set_num_threads(cfg["threads"])
-    import datasets
-    import transformers
-    import trl
-    from tokenizers import processors
-
-    from opdgeom.tasks import MathTask
-    from opdgeom.tasks.files import read_jsonl
-    from opdgeom.train.loop import lr_lambda
-
-    clock = Clock()
-    train, method = cfg["train"], cfg["method"]
-    device = "cuda" if cfg.get("gpu") else "cpu"
-    tok = transformers.AutoTokenizer.from_pretrained(cfg["student"])
-    # Our prompts are BOS + characters; the char tokenizer adds nothing itself, so TRL's gets a BOS template.
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
-    )
-    if tok("1+2")["input_ids"][0] != tok.bos_token_id:
-        raise SystemExit("the TRL tokenizer does not start prompts with BOS")
-    student = transformers.AutoModelForCausalLM.from_pretrained(cfg["student"], dtype=torch.float32).to(device)
-    examples = read_jsonl(cfg["data"])
-    import random
-
-    order = list(range(len(examples)))
-    random.Random(0).shuffle(order)
-    clock.wrap(torch.optim.AdamW, "step", "optimizer_step")  # before the scheduler wraps it in turn
-    optimizer = torch.optim.AdamW(student.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(0, train["steps"]))
-    rows = train["prompts"] * train["samples"]
-    common = dict(
-        output_dir=str(out / "trl"), max_steps=train["steps"], per_device_train_batch_size=rows,
-        gradient_accumulation_steps=1, learning_rate=train["lr"], max_grad_norm=1.0, bf16=False,
-        gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-        max_completion_length=train["new_tokens"], temperature=1.0, top_k=0, top_p=1.0, seed=0,
-        use_cpu=not cfg.get("gpu"), dataloader_num_workers=0,
-    )  # fmt: skip
-    if method == "opd":
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(cfg["teacher"], dtype=torch.float32).to(device)
-        picked = [examples[i] for i in order]
-        data = datasets.Dataset.from_dict(
-            {"prompt": [e.prompt for e in picked for _ in range(train["samples"])]}
-        )  # each prompt G times, consecutively: 16 prompts x 4 samples per step of 64 rows
-        args = trl.DistillationConfig(**common, shuffle_dataset=False, beta=1.0)
-        trainer_cls, extra = trl.DistillationTrainer, {"teacher_model": teacher}
-    else:
-        task = MathTask()
-
-        def reward(prompts, completions, answer, **_):
-            return [float(task.verify(c, a)) for c, a in zip(completions, answer)]
-
-        data = datasets.Dataset.from_dict(
-            {"prompt": [e.prompt for e in examples], "answer": [e.answer for e in examples]}
-        )
-        args = trl.GRPOConfig(**common, num_generations=train["samples"], beta=0.0, loss_type="dapo")
-        trainer_cls, extra = trl.GRPOTrainer, {"reward_funcs": reward}
-
-    class Marks(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            clock.mark("first_step", True)
-
-        def on_step_end(self, args, state, control, **kw):
-            clock.mark("last_update")
-
-    trainer = trainer_cls(
-        model=student, args=args, train_dataset=data, processing_class=tok,
-        optimizers=(optimizer, scheduler), callbacks=[Marks()], **extra,
-    )  # fmt: skip
-    teacher_model = getattr(trainer, "teacher_model", None)
-
-    def generated(result):
-        _count(clock, result[1])
-
-    clock.wrap(trainer, "_generate", "sampling", after=generated)
-    original_hidden = trainer._get_last_hidden_state if hasattr(trainer, "_get_last_hidden_state") else None
-    if original_hidden is not None and teacher_model is not None:
-
-        def hidden(model, *a, **kw):
-            t0 = time.perf_counter()
-            result = original_hidden(model, *a, **kw)
-            if model is not student and model is not getattr(trainer, "model", None):
-                clock.add("teacher", time.perf_counter() - t0)
-            return result
-
-        trainer._get_last_hidden_state = hidden
-    clock.wrap(trainer, "compute_loss", "compute_loss")
-    clock.wrap(trainer.accelerator, "backward", "backward")
-    clock.wrap(trainer.accelerator, "clip_grad_norm_", "clip")
-    trainer.train()
-    clock.mark("trained")
-    t0 = time.perf_counter()
-    trainer.save_model(str(out / "trl" / "final"))
-    clock.add("export", time.perf_counter() - t0)
-    s = clock.sums
-    logged = [h for h in trainer.state.log_history if "step_time" in h]
-    return {
-        "marks": clock.marks,
-        "tokens": clock.tokens,
-        "trl_step_time": [h["step_time"] for h in logged],
-        "phases": {
-            "sampling": s.get("sampling", 0.0),
-            "teacher": s.get("teacher", 0.0),
-            "forward": s.get("compute_loss", 0.0) - s.get("teacher", 0.0),
-            "backward": s.get("backward", 0.0),
-            "optimizer": s.get("optimizer_step", 0.0) + s.get("clip", 0.0),
-            "export": s.get("export", 0.0),
-        },
-    }
-
-
-def child_main(args) -> int:
-    cfg = json.loads(Path(args.config).read_text())
-    out = Path(args.out)
-    result = (_child_ours if args.child == "ours" else _child_trl)(cfg, out)
-    (out / "timings.json").write_text(json.dumps(result))
-    return 0
-
 
 # -- the parent -----------------------------------------------------------------------------------
 
@@ -367,8 +161,7 @@ def run_child(side: str, method: str, paths: dict, args, work: Path, tag: str) -
     env |= {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     env["OPDGEOM_DEVICE"] = "cuda" if args.gpu else "cpu"  # ours would take a GPU it finds; TRL's side follows
     env |= {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--config", str(out / "config.json")]
-    cmd += ["--out", str(out)]
+    cmd = [sys.executable, str(CHILDREN), side, str(out / "config.json"), str(out)]
     log_path = out / "stderr.log"
     with open(log_path, "w") as err:
         launch = time.time()
@@ -497,12 +290,7 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", action="store_true", help="the same pairs on a CUDA device at --gpu-model shapes")
     p.add_argument("--gpu-student", default=json.dumps(GPU_STUDENT), help="the GPU student's shapes (JSON)")
     p.add_argument("--gpu-teacher", default=json.dumps(GPU_TEACHER), help="the GPU teacher's shapes (JSON)")
-    p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--config", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        return child_main(args)
     model = teacher = TINY_STUDENT
     if args.gpu:
         import torch

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
+
+if TYPE_CHECKING:
+    from referencing import Registry
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,9 @@ def _key_path(path_parts) -> str:
 
 def _registry(schema_dir: Path) -> Registry:
     """Every schema in the folder, addressable by file name (family presets reuse config defs)."""
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
     resources = [
         (path.name, Resource.from_contents(load_yaml(path), default_specification=DRAFT202012))
         for path in sorted(schema_dir.glob("*.schema.yaml"))
@@ -49,6 +52,8 @@ def _registry(schema_dir: Path) -> Registry:
 
 def validate(document: Any, schema_path: str | Path, source: str) -> None:
     """Validate ``document`` against a JSON Schema (YAML file); raise ConfigError naming the key."""
+    import jsonschema  # here, not at the top: every job imports this module through the CLI's parser (~0.1 s)
+
     schema_path = Path(schema_path)
     schema = load_yaml(schema_path)
     validator = jsonschema.Draft202012Validator(schema, registry=_registry(schema_path.parent))
