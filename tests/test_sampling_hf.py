@@ -85,3 +85,40 @@ def test_the_engine_leaves_the_model_in_its_mode(tiny):
         assert model.training
     finally:
         model.eval()
+
+
+def test_decoding_runs_in_inference_mode_except_on_an_fsdp_model(tiny, tmp_path):
+    """inference_mode (no autograd bookkeeping) on a plain model; on an FSDP2 model plain no_grad, since
+    its parameters are re-pointed at all-gathered buffers that later forwards with gradients reuse. After
+    sampling, the FSDP model still trains."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from opdgeom.logprobs import token_logprobs
+
+    model, tok, prompts = tiny
+    modes = []
+    record = lambda m, a: modes.append(torch.is_inference_mode_enabled())  # noqa: E731
+    hook = model.register_forward_pre_hook(record)
+    try:
+        alone = HFEngine(model, tok).sample(prompts, 6, 1.0, seed=4)
+    finally:
+        hook.remove()
+    assert modes and all(modes)
+    assert not any(p.is_inference() for p in model.parameters())
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        sharded = build_model(SPEC, tok, seed=3)
+        fully_shard(sharded)
+        modes.clear()
+        hook = sharded.register_forward_pre_hook(record)
+        got = HFEngine(sharded, tok, synced=True).sample(prompts, 6, 1.0, seed=4)
+        hook.remove()
+        assert modes and not any(modes)
+        assert got.completion_ids == alone.completion_ids
+        ids_BT, mask_BT = left_pad(prompts[:2], tok.pad_token_id)
+        token_logprobs(sharded, ids_BT, mask_BT).sum().backward()  # a forward with gradients after sampling
+        assert all(p.grad is not None for p in sharded.parameters())
+    finally:
+        dist.destroy_process_group()
