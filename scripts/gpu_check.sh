@@ -18,7 +18,7 @@
 # ("no GPU here, nothing to measure"). 1 when it was to measure and could not, with the reason torch
 # gives (opdgeom.device): GPU_CHECK_REQUIRED=1 (a GPU machine's check), nvidia-smi lists GPUs that
 # torch cannot use (a CPU torch, a driver older than R580 for the CUDA 13 wheel), or Slurm granted
-# this job GPUs / OPDGEOM_DEVICE=cuda. 2 for a bad GPU_CHECK_REQUIRED or GPU_CHECKS.
+# this job GPUs / OPDGEOM_DEVICE=cuda. 2 for a bad GPU_CHECK_REQUIRED, GPU_CHECKS or GPU_CHECK_TIMEOUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -31,6 +31,10 @@ for step in $STEPS; do
     esac
 done
 LIMIT=${GPU_CHECK_TIMEOUT:-420}
+if [[ ! $LIMIT =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu_check: GPU_CHECK_TIMEOUT must be a whole number of seconds, got '$LIMIT'" >&2
+    exit 2
+fi
 case ${GPU_CHECK_REQUIRED:-0} in
     0) ;;
     1) export OPDGEOM_DEVICE=cuda ;;

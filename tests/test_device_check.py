@@ -71,6 +71,12 @@ def test_gpu_check_runs_every_step_and_exits_with_a_failing_ones_status(tmp_path
     assert "step monitor failed (exit 3)" in proc.stderr and "step vs_trl failed" not in proc.stderr
 
 
+def test_gpu_check_refuses_a_limit_that_is_not_whole_seconds(tmp_path):
+    proc, calls = _run("gpu_check.sh", tmp_path, GPU_CHECK_TIMEOUT="4m")
+    assert proc.returncode == 2 and not calls
+    assert "GPU_CHECK_TIMEOUT must be a whole number of seconds, got '4m'" in proc.stderr
+
+
 def test_a_failing_memory_plan_ends_the_plans_step(tmp_path):
     proc, calls = _run("gpu_check.sh", tmp_path, GPU_CHECKS="plans", FAIL="qwen3-8b --gpus 8")
     assert proc.returncode == 3 and len(calls) == 1, calls
