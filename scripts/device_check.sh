@@ -60,8 +60,10 @@ run() {
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
     echo "device_check: commit ${OPDGEOM_COMMIT:-unknown (no .git in the copy; set OPDGEOM_COMMIT)}"
     versions
-    GPU_CHECKS="${*:-memory plans smoke}" GPU_CHECK_REQUIRED=${GPU_CHECK_REQUIRED:-1} \
-        GPU_CHECK_TIMEOUT=${GPU_CHECK_TIMEOUT:-240} PY=$PY scripts/gpu_check.sh
+    if (($#)); then
+        export GPU_CHECKS="$*"
+    fi
+    GPU_CHECK_REQUIRED=${GPU_CHECK_REQUIRED:-1} GPU_CHECK_TIMEOUT=${GPU_CHECK_TIMEOUT:-240} PY=$PY scripts/gpu_check.sh
 }
 
 if [[ -n $LOG ]]; then

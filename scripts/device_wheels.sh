@@ -16,13 +16,15 @@ PACKAGES=(transformers trl datasets dill multiprocess blake3 polars polars-runti
 # the 64 MiB carry limit less the working tree (~2 MB) and some headroom
 MAX_MB=58
 
-read -r -a pins < <("$PY" - "${PACKAGES[@]}" <<'EOF'
+# a plain assignment, so that a package missing from the venv stops the script (set -e) with its name
+pinned=$("$PY" - "${PACKAGES[@]}" <<'EOF'
 import importlib.metadata as md
 import sys
 
 print(" ".join(f"{name}=={md.version(name)}" for name in sys.argv[1:]))
 EOF
 )
+read -r -a pins <<<"$pinned"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/device_wheels.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 platforms=()

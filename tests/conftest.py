@@ -11,6 +11,9 @@ from opdgeom.tokenizer import build_char_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The environment without a Slurm grant or a device setting, for scripts checked in the "nothing says a GPU
+# was expected" cases (the parent's own must not leak in).
+NO_GPU_GRANT = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "OPDGEOM_DEVICE"}
 
 
 @pytest.fixture

@@ -11,10 +11,7 @@ import pytest
 
 from opdgeom.device import gpu_expected
 
-from conftest import REPO, SETTINGS
-
-# The parent's own grant or setting must not leak into the "nothing expected" cases.
-CLEAN = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "OPDGEOM_DEVICE"}
+from conftest import NO_GPU_GRANT, REPO, SETTINGS
 
 
 @pytest.mark.parametrize(
@@ -42,7 +39,7 @@ def test_a_bad_device_setting_is_refused_by_name():
 
 def device_check(**environ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "opdgeom.device"]
-    return subprocess.run(cmd, env={**CLEAN, **environ}, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, env={**NO_GPU_GRANT, **environ}, capture_output=True, text=True, timeout=120)
 
 
 def test_a_process_granted_gpus_without_cuda_stops_with_what_was_expected_what_torch_sees_and_what_to_do():
@@ -67,7 +64,7 @@ def test_a_training_job_granted_gpus_fails_before_it_trains(tiny, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "opdgeom", "train", "--spec", json.dumps(spec), "--init", str(tiny["init"]),
            "--train-data", str(tiny["data"]), "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env={**CLEAN, "SLURM_JOB_GPUS": "0"}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env={**NO_GPU_GRANT, "SLURM_JOB_GPUS": "0"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "opdgeom train: error: a GPU was expected (Slurm granted this job GPUs (SLURM_JOB_GPUS=0))" in proc.stderr
     assert not out.exists()  # nothing trained, nothing written
@@ -84,7 +81,7 @@ esac
 
 
 def gpu_check(tmp_path, nvidia_smi: bool = False, **environ) -> subprocess.CompletedProcess:
-    env = {**CLEAN, "PY": sys.executable, **environ}
+    env = {**NO_GPU_GRANT, "PY": sys.executable, **environ}
     if nvidia_smi:
         (tmp_path / "bin").mkdir()
         (tmp_path / "bin" / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)

@@ -5,7 +5,6 @@ install runs for real (pip into a folder, a tarball unpacked beside it) and the 
 import on the path the checks get."""
 
 import io
-import os
 import subprocess
 import sys
 import tarfile
@@ -14,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
-CLEAN = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "OPDGEOM_DEVICE"}
+from conftest import NO_GPU_GRANT, REPO
 
 # Answers "cuda" for `-m opdgeom.device` (after importing $PROBE, when set, so the path is checked too),
 # "no vLLM" for `-c "import vllm"`, runs real python for pip, the unpacking and the version printout, records the rest
@@ -42,7 +39,7 @@ def _run(script: str, tmp_path: Path, args=(), **environ) -> tuple[subprocess.Co
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
-    env = {**CLEAN, "PY": str(fake), "REAL_PY": sys.executable, "CALLS": str(calls), **environ}
+    env = {**NO_GPU_GRANT, "PY": str(fake), "REAL_PY": sys.executable, "CALLS": str(calls), **environ}
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / script), *args], env=env, capture_output=True, text=True, timeout=120
     )
@@ -137,7 +134,12 @@ def test_device_check_without_wheels_says_so_and_a_bad_step_is_refused_by_name(t
 @pytest.mark.parametrize("required, status", [("1", 1), ("0", 0)])
 def test_device_check_on_a_machine_without_a_gpu(tmp_path, required, status):
     """The real python and torch here (a CPU build): required, it fails saying why; else nothing to measure."""
-    env = {**CLEAN, "PY": sys.executable, "GPU_CHECK_REQUIRED": required, "DEVICE_WHEELS": str(tmp_path / "none")}
+    env = {
+        **NO_GPU_GRANT,
+        "PY": sys.executable,
+        "GPU_CHECK_REQUIRED": required,
+        "DEVICE_WHEELS": str(tmp_path / "none"),
+    }
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "device_check.sh")], env=env, capture_output=True, text=True, timeout=120
     )
